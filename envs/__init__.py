@@ -1,0 +1,1 @@
+"""Environment role: reward functions (verifiers) and tool environments."""
