@@ -1,0 +1,1 @@
+"""Pure math of the platform (algorithms.md)."""

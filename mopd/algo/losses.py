@@ -1,0 +1,496 @@
+"""Token-level losses for the three training stages (algorithms.md, stages 1-3).
+
+MOPD (stage 3, eq. 7-9 of the MiMo-V2-Flash report). Per response token t of sample y:
+
+    r_t  = exp(logp_train_t - logp_rollout_t)                    pi_theta / mu_theta
+    w_t  = sg[r_t] if eps_low <= r_t <= eps_high else 0           mask (IcePop), never clip
+    A_t  = sg[logp_teacher_t - logp_student_t] + alpha * A_orm(y)
+    loss = -mean_over_samples( (1/|y|) sum_t w_t * A_t * logp_train_t )
+
+``sg`` is stop-gradient: the gradient flows only through the last ``logp_train_t``. The student
+log-prob inside A_t is ``logp_train`` (``student_logprob_source="train"``, eq. 8) or the rollout
+engine's ``logp_rollout`` (``"rollout"``).
+
+Teacher RL (stage 2) is the same estimator with A_t = A_orm and an importance correction of
+choice (``mask`` as above, ``truncate``, or a PPO clipped surrogate), plus an optional k3 penalty
+to a reference policy. MOPD with alpha = 1 and a zero teacher term equals it with ``mask``.
+
+SFT (stage 1) is the token cross-entropy -logp on response tokens.
+
+Aggregation (all losses): ``seq_mean_token_mean`` (eq. 7, default) averages tokens inside each
+sample, then samples; ``token_mean`` sums all valid tokens of the batch and divides by their
+count. Samples with an empty mask are left out; an all-empty batch gives loss 0 with a zero (not
+NaN) gradient. Values at mask-off positions are never read, so padding may hold -inf or NaN.
+Inputs in bf16/fp16 are upcast: all math, the loss and the metrics are fp32.
+
+Every loss returns ``(loss, metrics)``: a 0-dim fp32 tensor and a dict of python floats.
+
+Shape suffixes: B sequences, T response tokens, K top-k entries per position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mopd.algo._check import check_choice, check_same_shape, check_tensor
+from mopd.algo.kl import kl_k3
+
+__all__ = [
+    "AGGREGATIONS",
+    "IS_CORRECTIONS",
+    "STUDENT_LOGPROB_SOURCES",
+    "TEACHER_KL_MODES",
+    "aggregate",
+    "mopd_loss",
+    "policy_gradient_loss",
+    "sft_loss",
+    "topk_reverse_kl",
+]
+
+AGGREGATIONS = ("seq_mean_token_mean", "token_mean")
+IS_CORRECTIONS = ("mask", "truncate", "ppo_clip")
+TEACHER_KL_MODES = ("sampled", "topk")
+STUDENT_LOGPROB_SOURCES = ("train", "rollout")
+
+Metrics = dict[str, float]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def _valid_mask(mask_BT: torch.Tensor, ref_arg: str, ref_BT: torch.Tensor) -> torch.Tensor:
+    check_tensor("mask_BT", mask_BT, ndim=2)
+    check_same_shape("mask_BT", mask_BT, ref_arg, ref_BT)
+    return mask_BT if mask_BT.dtype == torch.bool else mask_BT != 0
+
+
+def _clean(x_BT: torch.Tensor, valid_BT: torch.Tensor) -> torch.Tensor:
+    """fp32 copy with mask-off entries set to 0. ``where`` (not a product) keeps an inf/NaN in
+    padding out of both the forward value and the gradient."""
+    zero = torch.zeros((), dtype=torch.float32, device=x_BT.device)
+    return torch.where(valid_BT, x_BT.float(), zero)
+
+
+def _check_logp(arg: str, x: object, ref_BT: torch.Tensor | None = None) -> torch.Tensor:
+    x = check_tensor(arg, x, ndim=2)
+    if not x.is_floating_point():
+        raise ValueError(f"{arg} must be a floating tensor of log-probs, got dtype {x.dtype}")
+    if ref_BT is not None:
+        check_same_shape(arg, x, "logp_train_BT", ref_BT)
+    return x
+
+
+def _check_finite(valid_BT: torch.Tensor, **named: torch.Tensor) -> None:
+    """One host sync for all inputs: a NaN/inf on a valid token is a caller bug, not padding."""
+    names = list(named)
+    bad = torch.stack([(~torch.isfinite(x) & valid_BT).any() for x in named.values()]).tolist()
+    offenders = [n for n, b in zip(names, bad) if b]
+    if offenders:
+        raise ValueError(
+            f"{', '.join(offenders)} hold NaN or inf on tokens where mask_BT is on; "
+            "mask those tokens out or fix the log-prob computation"
+        )
+
+
+def _check_float(arg: str, value: float, *, lo: float | None = None) -> None:
+    if not isinstance(value, int | float) or math.isnan(value):
+        raise ValueError(f"{arg}={value!r} must be a real number")
+    if lo is not None and value < lo:
+        raise ValueError(f"{arg}={value!r} must be >= {lo}")
+
+
+def _adv_tokens(adv: torch.Tensor, arg: str, ref_BT: torch.Tensor) -> torch.Tensor:
+    """Accept a sequence advantage [B] (broadcast to tokens) or a token advantage [B, T]."""
+    check_tensor(arg, adv)
+    B, T = ref_BT.shape
+    if adv.shape == (B,):
+        return adv.float()[:, None].expand(B, T)
+    if adv.shape == (B, T):
+        return adv.float()
+    raise ValueError(
+        f"{arg} has shape {tuple(adv.shape)}; expected [B]={B} (one advantage per sample) "
+        f"or [B, T]={B, T} (per token)"
+    )
+
+
+def aggregate(per_token_BT: torch.Tensor, valid_BT: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """Reduce a per-token loss (already 0 at mask-off positions) to a scalar.
+
+    ``seq_mean_token_mean``: mean over the tokens of each non-empty sample, then over those
+    samples. ``token_mean``: sum over valid tokens / number of valid tokens. Empty -> 0.
+    """
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    tokens_B = valid_BT.sum(dim=1).to(torch.float32)
+    if aggregation == "token_mean":
+        return per_token_BT.sum() / tokens_B.sum().clamp_min(1.0)
+    per_sample_B = per_token_BT.sum(dim=1) / tokens_B.clamp_min(1.0)
+    return per_sample_B.sum() / (tokens_B > 0).sum().clamp_min(1).to(torch.float32)
+
+
+def _masked_mean(x_BT: torch.Tensor, valid_BT: torch.Tensor) -> torch.Tensor:
+    return _clean(x_BT, valid_BT).sum() / valid_BT.sum().clamp_min(1).to(torch.float32)
+
+
+def _orm_mean(adv: torch.Tensor, valid_BT: torch.Tensor) -> torch.Tensor:
+    """Mean A_orm over non-empty samples ([B] input) or valid tokens ([B, T] input)."""
+    if adv.ndim == 1:
+        nonempty_B = valid_BT.any(dim=1)
+        adv_B = torch.where(nonempty_B, adv.float(), torch.zeros_like(adv, dtype=torch.float32))
+        return adv_B.sum() / nonempty_B.sum().clamp_min(1).to(torch.float32)
+    return _masked_mean(adv, valid_BT)
+
+
+def _to_floats(**scalars: torch.Tensor | float) -> Metrics:
+    """Turn metric tensors into python floats with a single device sync."""
+    names = list(scalars)
+    values = [
+        v.detach().float().reshape(()) if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+        for v in scalars.values()
+    ]
+    devices = {v.device for v in values}
+    device = next(iter(devices)) if len(devices) == 1 else torch.device("cpu")
+    return dict(zip(names, torch.stack([v.to(device) for v in values]).tolist()))
+
+
+def _is_mask_weights(
+    log_ratio_BT: torch.Tensor, valid_BT: torch.Tensor, eps_low: float, eps_high: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(r_BT, w_BT, zeroed_BT) for the masked importance weight; all detached, fp32."""
+    r_BT = torch.exp(log_ratio_BT.detach())
+    keep_BT = (r_BT >= eps_low) & (r_BT <= eps_high) & valid_BT
+    w_BT = torch.where(keep_BT, r_BT, torch.zeros_like(r_BT))
+    return r_BT, w_BT, valid_BT & ~keep_BT
+
+
+def _common_checks(
+    logp_train_BT: torch.Tensor,
+    logp_rollout_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    aggregation: str,
+) -> torch.Tensor:
+    _check_logp("logp_train_BT", logp_train_BT)
+    _check_logp("logp_rollout_BT", logp_rollout_BT, logp_train_BT)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    return _valid_mask(mask_BT, "logp_train_BT", logp_train_BT)
+
+
+def _check_eps(eps_low: float, eps_high: float) -> None:
+    _check_float("eps_low", eps_low, lo=0.0)
+    _check_float("eps_high", eps_high, lo=0.0)
+    if eps_low > eps_high:
+        raise ValueError(f"eps_low={eps_low} must be <= eps_high={eps_high}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: MOPD
+# ---------------------------------------------------------------------------------------------
+
+
+def topk_reverse_kl(
+    teacher_topk_logp_BTK: torch.Tensor, student_topk_logp_BTK: torch.Tensor
+) -> torch.Tensor:
+    """Reverse KL(student || teacher) over the teacher's top-k support, both renormalised.
+
+    teacher_topk_logp_BTK: the teacher's log-probs (over its full vocabulary) of its K most
+    likely tokens at each position; student_topk_logp_BTK: the student's log-probs of the same
+    token ids. Entries where the teacher log-prob is -inf are padding and leave the support.
+    Both distributions are renormalised over the support (q = softmax(student), p =
+    softmax(teacher) over the K entries) and the result is sum_k q_k (log q_k - log p_k) >= 0,
+    shape [B, T], fp32. Not differentiated: callers use it under stop-gradient.
+    """
+    check_tensor("teacher_topk_logp_BTK", teacher_topk_logp_BTK, ndim=3)
+    check_tensor("student_topk_logp_BTK", student_topk_logp_BTK, ndim=3)
+    check_same_shape(
+        "student_topk_logp_BTK",
+        student_topk_logp_BTK,
+        "teacher_topk_logp_BTK",
+        teacher_topk_logp_BTK,
+    )
+    with torch.no_grad():
+        t_BTK = teacher_topk_logp_BTK.float()
+        s_BTK = student_topk_logp_BTK.float()
+        support_BTK = torch.isfinite(t_BTK)
+        neg_inf = torch.full((), -math.inf, device=t_BTK.device)
+        t_BTK = torch.where(support_BTK, t_BTK, neg_inf)
+        s_BTK = torch.where(support_BTK, s_BTK, neg_inf)
+        logp_BTK = torch.log_softmax(t_BTK, dim=-1)
+        logq_BTK = torch.log_softmax(s_BTK, dim=-1)
+        # q = 0 entries (padding, or a student prob that underflowed) contribute 0, not 0 * inf.
+        contrib_BTK = torch.where(
+            logq_BTK > -math.inf, logq_BTK.exp() * (logq_BTK - logp_BTK), torch.zeros_like(t_BTK)
+        )
+        return contrib_BTK.sum(dim=-1)
+
+
+def mopd_loss(
+    logp_train_BT: torch.Tensor,
+    logp_rollout_BT: torch.Tensor,
+    logp_teacher_BT: torch.Tensor | None,
+    adv_orm_B: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    eps_low: float = 0.5,
+    eps_high: float = 2.0,
+    aggregation: str = "seq_mean_token_mean",
+    student_logprob_source: str = "train",
+    teacher_kl: str = "sampled",
+    teacher_topk_logp_BTK: torch.Tensor | None = None,
+    student_topk_logp_BTK: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """Multi-teacher on-policy distillation loss (eq. 7-9), see the module docstring.
+
+    Args:
+        logp_train_BT: [B, T] trainer log-probs of the sampled tokens (the only input that
+            receives a gradient).
+        logp_rollout_BT: [B, T] rollout-engine log-probs of the same tokens (mu_theta).
+        logp_teacher_BT: [B, T] log-probs of the same tokens under the sample's domain teacher.
+            Required for ``teacher_kl="sampled"``; unused (may be None) for ``"topk"``.
+        adv_orm_B: [B] outcome advantage per sample (or [B, T] per token), broadcast to tokens.
+        mask_BT: [B, T] bool or 0/1 float, on for tokens the policy generated.
+        alpha: weight of the ORM advantage.
+        eps_low, eps_high: tokens with r_t outside [eps_low, eps_high] (inclusive) get w_t = 0.
+        aggregation: ``seq_mean_token_mean`` (eq. 7) or ``token_mean``.
+        student_logprob_source: ``train`` (eq. 8) or ``rollout``: the student log-prob used in
+            the sampled teacher term. Ignored by ``teacher_kl="topk"``, whose student side is
+            ``student_topk_logp_BTK`` as given.
+        teacher_kl: ``sampled`` (default, the report's term logp_teacher - logp_student at the
+            sampled token) or ``topk``: the term becomes -topk_reverse_kl(teacher_topk_logp_BTK,
+            student_topk_logp_BTK), the negated reverse KL over the teacher's top-k support with
+            both sides renormalised, under stop-gradient.
+        teacher_topk_logp_BTK: [B, T, K] teacher log-probs of its top-k ids (``topk`` only).
+        student_topk_logp_BTK: [B, T, K] student log-probs at those ids (``topk`` only).
+
+    Returns:
+        (loss, metrics). Metrics: loss, num_tokens, num_samples (non-empty), masked_fraction
+        (valid tokens zeroed by the IS mask), is_ratio_mean, is_ratio_abs_dev (mean |r_t - 1|),
+        teacher_log_ratio (mean teacher term over valid tokens; its negation estimates the
+        reverse KL to the teacher), orm_adv_mean, adv_mean (mean A_t).
+    """
+    valid_BT = _common_checks(logp_train_BT, logp_rollout_BT, mask_BT, aggregation)
+    check_choice("student_logprob_source", student_logprob_source, STUDENT_LOGPROB_SOURCES)
+    check_choice("teacher_kl", teacher_kl, TEACHER_KL_MODES)
+    _check_float("alpha", alpha)
+    _check_eps(eps_low, eps_high)
+    adv_orm_BT = _adv_tokens(adv_orm_B, "adv_orm_B", logp_train_BT)
+
+    finite_inputs = {
+        "logp_train_BT": logp_train_BT,
+        "logp_rollout_BT": logp_rollout_BT,
+        "adv_orm_B": adv_orm_BT,
+    }
+    if teacher_kl == "sampled":
+        if logp_teacher_BT is None:
+            raise ValueError("logp_teacher_BT is required when teacher_kl='sampled'")
+        if teacher_topk_logp_BTK is not None or student_topk_logp_BTK is not None:
+            raise ValueError(
+                "teacher_topk_logp_BTK/student_topk_logp_BTK were given but teacher_kl='sampled' "
+                "ignores them; set teacher_kl='topk' or drop them"
+            )
+        _check_logp("logp_teacher_BT", logp_teacher_BT, logp_train_BT)
+        finite_inputs["logp_teacher_BT"] = logp_teacher_BT
+    else:
+        if teacher_topk_logp_BTK is None or student_topk_logp_BTK is None:
+            raise ValueError(
+                "teacher_kl='topk' needs both teacher_topk_logp_BTK and student_topk_logp_BTK "
+                "([B, T, K] log-probs at the teacher's top-k token ids)"
+            )
+        for name, x in (
+            ("teacher_topk_logp_BTK", teacher_topk_logp_BTK),
+            ("student_topk_logp_BTK", student_topk_logp_BTK),
+        ):
+            check_tensor(name, x, ndim=3)
+            if x.shape[:2] != logp_train_BT.shape:
+                raise ValueError(
+                    f"{name} has shape {tuple(x.shape)}; its first two dims must match "
+                    f"logp_train_BT {tuple(logp_train_BT.shape)}"
+                )
+    _check_finite(valid_BT, **finite_inputs)
+
+    logp_train_c = _clean(logp_train_BT, valid_BT)  # carries the gradient
+    logp_rollout_c = _clean(logp_rollout_BT, valid_BT).detach()
+    r_BT, w_BT, zeroed_BT = _is_mask_weights(
+        logp_train_c - logp_rollout_c, valid_BT, eps_low, eps_high
+    )
+
+    with torch.no_grad():
+        if teacher_kl == "sampled":
+            assert logp_teacher_BT is not None
+            logp_student_c = logp_train_c if student_logprob_source == "train" else logp_rollout_c
+            teacher_term_BT = _clean(logp_teacher_BT, valid_BT) - logp_student_c
+        else:
+            assert teacher_topk_logp_BTK is not None and student_topk_logp_BTK is not None
+            teacher_term_BT = -topk_reverse_kl(teacher_topk_logp_BTK, student_topk_logp_BTK)
+            bad = (~torch.isfinite(teacher_term_BT) & valid_BT).any()
+            if bool(bad):
+                raise ValueError(
+                    "the top-k reverse KL is not finite on some valid tokens: each needs at "
+                    "least one finite teacher top-k log-prob and finite student log-probs there"
+                )
+        teacher_term_BT = _clean(teacher_term_BT, valid_BT)
+        adv_BT = _clean(teacher_term_BT + alpha * adv_orm_BT, valid_BT)
+
+    per_token_BT = -(w_BT * adv_BT) * logp_train_c
+    loss = aggregate(per_token_BT, valid_BT, aggregation)
+
+    with torch.no_grad():
+        num_tokens = valid_BT.sum()
+        metrics = _to_floats(
+            loss=loss,
+            num_tokens=num_tokens,
+            num_samples=valid_BT.any(dim=1).sum(),
+            masked_fraction=zeroed_BT.sum() / num_tokens.clamp_min(1),
+            is_ratio_mean=_masked_mean(r_BT, valid_BT),
+            is_ratio_abs_dev=_masked_mean((r_BT - 1).abs(), valid_BT),
+            teacher_log_ratio=_masked_mean(teacher_term_BT, valid_BT),
+            orm_adv_mean=_orm_mean(adv_orm_B, valid_BT),
+            adv_mean=_masked_mean(adv_BT, valid_BT),
+        )
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: teacher RL
+# ---------------------------------------------------------------------------------------------
+
+
+def policy_gradient_loss(
+    logp_train_BT: torch.Tensor,
+    logp_rollout_BT: torch.Tensor,
+    adv_B: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    is_correction: str = "mask",
+    eps_low: float = 0.5,
+    eps_high: float = 2.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    logp_ref_BT: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    aggregation: str = "seq_mean_token_mean",
+) -> tuple[torch.Tensor, Metrics]:
+    """GRPO-style policy gradient with a token importance correction (stage 2).
+
+    With r_t = exp(logp_train_t - logp_rollout_t) and A_t the sample's advantage:
+
+    - ``mask``:     loss_t = -w_t A_t logp_train_t, w_t = sg[r_t] inside [eps_low, eps_high]
+      (inclusive), else 0. Identical to MOPD with alpha = 1 and no teacher term.
+    - ``truncate``: loss_t = -sg[min(r_t, eps_high)] A_t logp_train_t (truncated IS).
+    - ``ppo_clip``: loss_t = -min(r_t A_t, clip(r_t, 1 - clip_low, 1 + clip_high) A_t) with the
+      gradient through r_t; ``logp_rollout_BT`` is then the log-prob the batch was sampled
+      under (the "old" policy) when a batch is reused for several optimiser steps.
+
+    If ``kl_coef > 0``, ``kl_coef * k3(logp_train, logp_ref)`` is added per token (k3 with
+    a = current policy, b = reference; the gradient flows through logp_train). Passing
+    ``logp_ref_BT`` with ``kl_coef = 0`` only reports the KL.
+
+    Args:
+        logp_train_BT, logp_rollout_BT: [B, T] log-probs of the sampled tokens.
+        adv_B: [B] sequence advantage (broadcast to tokens) or [B, T] token advantage.
+        mask_BT: [B, T] bool or 0/1 float, on for generated tokens.
+
+    Returns:
+        (loss, metrics). Metrics: loss, num_tokens, num_samples, masked_fraction (valid tokens
+        zeroed by ``mask``), clipped_fraction (tokens truncated by ``truncate`` or whose clipped
+        PPO term is active), is_ratio_mean, is_ratio_abs_dev, orm_adv_mean, and kl_ref when
+        ``logp_ref_BT`` is given.
+    """
+    valid_BT = _common_checks(logp_train_BT, logp_rollout_BT, mask_BT, aggregation)
+    check_choice("is_correction", is_correction, IS_CORRECTIONS)
+    _check_eps(eps_low, eps_high)
+    _check_float("clip_low", clip_low, lo=0.0)
+    _check_float("clip_high", clip_high, lo=0.0)
+    if clip_low >= 1.0:
+        raise ValueError(f"clip_low={clip_low} must be < 1 (the ratio is clipped at 1 - clip_low)")
+    _check_float("kl_coef", kl_coef, lo=0.0)
+    if kl_coef > 0 and logp_ref_BT is None:
+        raise ValueError(f"kl_coef={kl_coef} needs logp_ref_BT (reference-policy log-probs)")
+    adv_BT = _adv_tokens(adv_B, "adv_B", logp_train_BT)
+    finite_inputs = {
+        "logp_train_BT": logp_train_BT,
+        "logp_rollout_BT": logp_rollout_BT,
+        "adv_B": adv_BT,
+    }
+    if logp_ref_BT is not None:
+        _check_logp("logp_ref_BT", logp_ref_BT, logp_train_BT)
+        finite_inputs["logp_ref_BT"] = logp_ref_BT
+    _check_finite(valid_BT, **finite_inputs)
+
+    logp_train_c = _clean(logp_train_BT, valid_BT)
+    logp_rollout_c = _clean(logp_rollout_BT, valid_BT).detach()
+    adv_c = _clean(adv_BT, valid_BT)
+    log_ratio_BT = logp_train_c - logp_rollout_c
+    r_BT, w_BT, zeroed_BT = _is_mask_weights(log_ratio_BT, valid_BT, eps_low, eps_high)
+    clipped_BT = torch.zeros_like(valid_BT)
+
+    if is_correction == "mask":
+        per_token_BT = -(w_BT * adv_c) * logp_train_c
+    elif is_correction == "truncate":
+        zeroed_BT = torch.zeros_like(valid_BT)
+        clipped_BT = (r_BT > eps_high) & valid_BT
+        w_BT = r_BT.clamp(max=eps_high)
+        per_token_BT = -(w_BT * adv_c) * logp_train_c
+    else:  # ppo_clip
+        zeroed_BT = torch.zeros_like(valid_BT)
+        ratio_BT = torch.exp(log_ratio_BT)  # with gradient
+        surr_BT = ratio_BT * adv_c
+        surr_clip_BT = ratio_BT.clamp(1.0 - clip_low, 1.0 + clip_high) * adv_c
+        clipped_BT = (surr_clip_BT < surr_BT).detach() & valid_BT
+        per_token_BT = -torch.minimum(surr_BT, surr_clip_BT)
+
+    kl_BT = None
+    if logp_ref_BT is not None:
+        kl_BT = kl_k3(logp_train_c, _clean(logp_ref_BT, valid_BT).detach())
+        if kl_coef > 0:
+            per_token_BT = per_token_BT + kl_coef * kl_BT
+    per_token_BT = torch.where(valid_BT, per_token_BT, torch.zeros_like(per_token_BT))
+    loss = aggregate(per_token_BT, valid_BT, aggregation)
+
+    with torch.no_grad():
+        num_tokens = valid_BT.sum()
+        extra = {} if kl_BT is None else {"kl_ref": _masked_mean(kl_BT, valid_BT)}
+        metrics = _to_floats(
+            loss=loss,
+            num_tokens=num_tokens,
+            num_samples=valid_BT.any(dim=1).sum(),
+            masked_fraction=zeroed_BT.sum() / num_tokens.clamp_min(1),
+            clipped_fraction=clipped_BT.sum() / num_tokens.clamp_min(1),
+            is_ratio_mean=_masked_mean(r_BT, valid_BT),
+            is_ratio_abs_dev=_masked_mean((r_BT - 1).abs(), valid_BT),
+            orm_adv_mean=_orm_mean(adv_B, valid_BT),
+            **extra,
+        )
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: SFT
+# ---------------------------------------------------------------------------------------------
+
+
+def sft_loss(
+    logp_BT: torch.Tensor, mask_BT: torch.Tensor, *, aggregation: str = "seq_mean_token_mean"
+) -> tuple[torch.Tensor, Metrics]:
+    """Token cross-entropy -logp on response tokens only, aggregated as configured.
+
+    logp_BT: [B, T] log-probs of the target tokens; mask_BT: [B, T] on for response tokens.
+    Metrics: loss, nll (token-mean NLL whatever the aggregation), num_tokens, num_samples.
+    """
+    _check_logp("logp_BT", logp_BT)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    valid_BT = _valid_mask(mask_BT, "logp_BT", logp_BT)
+    _check_finite(valid_BT, logp_BT=logp_BT)
+    nll_BT = -_clean(logp_BT, valid_BT)
+    loss = aggregate(nll_BT, valid_BT, aggregation)
+    with torch.no_grad():
+        metrics = _to_floats(
+            loss=loss,
+            nll=_masked_mean(nll_BT, valid_BT),
+            num_tokens=valid_BT.sum(),
+            num_samples=valid_BT.any(dim=1).sum(),
+        )
+    return loss, metrics
