@@ -1,0 +1,1 @@
+"""Model helpers shared by roles: tiny random checkpoints for tests and quick runs."""
