@@ -422,7 +422,7 @@ def policy_gradient_loss(
 
     logp_train_c = _clean(logp_train_BT, valid_BT)
     logp_rollout_c = _clean(logp_rollout_BT, valid_BT).detach()
-    adv_c = _clean(adv_BT, valid_BT)
+    adv_c = _clean(adv_BT, valid_BT).detach()  # advantages are constants of the estimator
     log_ratio_BT = logp_train_c - logp_rollout_c
     r_BT, w_BT, zeroed_BT = _is_mask_weights(log_ratio_BT, valid_BT, eps_low, eps_high)
     clipped_BT = torch.zeros_like(valid_BT)
