@@ -1,10 +1,10 @@
-"""Names read from SGLang __version__: str's source (generated; do not edit by hand).
+"""Names read from SGLang 0.5.23's source (generated; do not edit by hand).
 
 Regenerate with tests/inference/gen_sglang_schema.py. Tests hold every field the client
 emits and every flag the launcher emits to these sets.
 """
 
-SGLANG_VERSION = "__version__: str"
+SGLANG_VERSION = "0.5.23"
 
 # srt/managers/io_struct.py GenerateReqInput: the /generate body FastAPI parses.
 GENERATE_REQ_INPUT_FIELDS = frozenset(

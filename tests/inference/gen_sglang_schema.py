@@ -155,7 +155,7 @@ def _flags(root: Path) -> dict[str, str]:
 
 def _version(root: Path) -> str:
     for line in (root / "sglang/_version.py").read_text().splitlines():
-        if line.startswith("__version__"):
+        if line.startswith("__version__ ="):
             return line.split("=")[-1].strip().strip("'\"")
     raise SystemExit("no sglang/_version.py: pass the root of an unpacked sglang wheel")
 

@@ -1,0 +1,629 @@
+"""Async HTTP client for one SGLang-compatible engine server (SGLang or the embedded engine).
+
+Every role talks to engine servers through this one class: rollout workers generate, teacher
+scorers score (prefill-only), the driver syncs weights and reads versions. The wire format lives
+in ``mopd.inference.protocol``; this module adds transport concerns:
+
+- Timeouts: connect / read limits per call kind (generation and weight loads may be slow).
+- Retries with exponential back-off and jitter (tenacity), by what is safe to resend. A call
+  that never reached the server (connection refused, connect timeout) is retried whatever it
+  is. Idempotent calls (health, info, scoring, flush, abort, memory release/resume) are also
+  retried on read timeouts, dropped connections and 429/5xx answers. Generation and weight
+  updates are not resent once the server may have seen them: a second weight load or a
+  duplicated sample is not what the caller asked for.
+- Cancellation: cancelling the task awaiting ``generate`` sends ``/abort_request`` with the
+  request's rid, so the server stops decoding it instead of burning a slot.
+
+``SyncEngineClient`` runs the same client on a private event-loop thread for callers that are
+not async (driver code, sync Ray actors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar, overload
+
+import httpx
+import numpy as np
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from mopd.inference.protocol import (
+    DestroyWeightsUpdateGroup,
+    GenerateOutput,
+    GenerateRequest,
+    InitWeightsUpdateGroup,
+    ModelInfo,
+    ScoreOutput,
+    UpdateWeightsFromDisk,
+    UpdateWeightsFromDistributed,
+    UpdateWeightsFromTensor,
+    UpdateWeightVersion,
+    WeightUpdateRequest,
+    WeightUpdateResult,
+    make_score_request,
+    parse_generate_output,
+    parse_model_info,
+    parse_score_output,
+    parse_weight_update_result,
+)
+
+__all__ = [
+    "ClientConfig",
+    "EngineClient",
+    "EngineError",
+    "EngineUnavailable",
+    "SyncEngineClient",
+    "WeightUpdateError",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Transport settings of an ``EngineClient``."""
+
+    connect_timeout_s: float = 5.0
+    """Limit for opening a connection."""
+    request_timeout_s: float = 600.0
+    """Limit for one generate or score request (read side)."""
+    admin_timeout_s: float = 600.0
+    """Limit for weight updates and memory release/resume (a large checkpoint loads slowly)."""
+    info_timeout_s: float = 30.0
+    """Limit for health and info calls."""
+    max_attempts: int = 4
+    """Attempts per call, the first included, for failures that are safe to retry."""
+    retry_deadline_s: float = 120.0
+    """Stop retrying once this much time has passed since the first attempt."""
+    backoff_initial_s: float = 0.2
+    """First back-off delay; doubles each attempt, with jitter."""
+    backoff_max_s: float = 10.0
+    """Largest back-off delay."""
+    max_connections: int = 512
+    """Connection-pool size (concurrent requests to this server)."""
+    api_key: str | None = None
+    """Sent as ``Authorization: Bearer`` (SGLang's --api-key); never logged."""
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        for name in ("connect_timeout_s", "request_timeout_s", "admin_timeout_s", "info_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+class EngineError(RuntimeError):
+    """The server answered a call with an error (names the server, route and its message)."""
+
+    def __init__(self, url: str, route: str, message: str, status: int | None = None):
+        self.url, self.route, self.status = url, route, status
+        where = f"{url}{route}" + (f" (HTTP {status})" if status is not None else "")
+        super().__init__(f"{where}: {message}")
+
+
+class EngineUnavailable(EngineError):
+    """The server could not be reached (or kept failing) within the retry budget."""
+
+
+class WeightUpdateError(EngineError):
+    """A weight-sync route answered ``success: false``."""
+
+
+def _never_reached_server(exc: BaseException) -> bool:
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+
+
+class _RetryableStatus(Exception):
+    """An HTTP answer worth retrying for an idempotent call (429, 5xx)."""
+
+    def __init__(self, response: httpx.Response):
+        self.response = response
+        super().__init__(f"HTTP {response.status_code}")
+
+
+def _retry_idempotent(exc: BaseException) -> bool:
+    retryable = (
+        httpx.TimeoutException,
+        httpx.NetworkError,
+        httpx.RemoteProtocolError,
+        _RetryableStatus,
+    )
+    return isinstance(exc, retryable)
+
+
+def _error_message(response: httpx.Response) -> str:
+    """SGLang's error bodies: ``{"error": {"message": ...}}``, ``{"error": "..."}``, text."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:2000] or response.reason_phrase
+    if isinstance(body, Mapping):
+        error = body.get("error", body.get("message", body.get("detail")))
+        if isinstance(error, Mapping):
+            error = error.get("message", error)
+        if error is not None:
+            return str(error)[:2000]
+    return str(body)[:2000]
+
+
+class EngineClient:
+    """Client of one engine server at ``base_url`` (``http://host:port``).
+
+    Args:
+        base_url: the server (or an sglang-router in front of several).
+        config: timeouts, retries, pool size, API key.
+        routed_experts_shape: (num_hidden_layers, num_experts_per_tok) of the served model,
+            needed to decode routed experts (not reported by the server).
+        name: how errors name this server (e.g. the teacher's name); defaults to the URL.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        config: ClientConfig | None = None,
+        routed_experts_shape: tuple[int, int] | None = None,
+        name: str | None = None,
+    ):
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self.config = config or ClientConfig()
+        self.routed_experts_shape = routed_experts_shape
+        self.name = name or self.base_url
+        cfg = self.config
+        headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(cfg.request_timeout_s, connect=cfg.connect_timeout_s),
+            limits=httpx.Limits(
+                max_connections=cfg.max_connections, max_keepalive_connections=cfg.max_connections
+            ),
+        )
+        self._pending_aborts: set[asyncio.Task[None]] = set()
+
+    # -- transport -----------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        method: Literal["GET", "POST"],
+        route: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        timeout_s: float | None = None,
+        idempotent: bool,
+        expect_json: bool = True,
+    ) -> Any:
+        """One call with retries; returns the decoded JSON (or text) of a 2xx answer."""
+        cfg = self.config
+        timeout = httpx.Timeout(timeout_s or cfg.request_timeout_s, connect=cfg.connect_timeout_s)
+        retry_if = _retry_idempotent if idempotent else _never_reached_server
+
+        def log_retry(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "%s%s attempt %d failed (%s); retrying",
+                self.name,
+                route,
+                state.attempt_number,
+                exc,
+            )
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(retry_if),
+            stop=stop_after_attempt(cfg.max_attempts) | stop_after_delay(cfg.retry_deadline_s),
+            wait=wait_exponential_jitter(
+                multiplier=cfg.backoff_initial_s,
+                jitter=cfg.backoff_initial_s,
+                max=cfg.backoff_max_s,
+            ),
+            before_sleep=log_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    response = await self._http.request(
+                        method, route, json=json, params=params, timeout=timeout
+                    )
+                    if idempotent and response.status_code in _RETRYABLE_STATUS:
+                        raise _RetryableStatus(response)
+        except _RetryableStatus as exc:
+            raise EngineUnavailable(
+                self.name, route, _error_message(exc.response), exc.response.status_code
+            ) from None
+        except httpx.HTTPError as exc:
+            raise EngineUnavailable(
+                self.name, route, f"{type(exc).__name__}: {exc or 'no response'}"
+            ) from exc
+        if response.status_code >= 400:
+            raise EngineError(self.name, route, _error_message(response), response.status_code)
+        if not expect_json:
+            return response.text
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise EngineError(
+                self.name, route, f"answer is not JSON: {response.text[:200]!r}", 200
+            ) from exc
+
+    # -- generation and scoring ----------------------------------------------------------------
+
+    @overload
+    async def generate(self, request: GenerateRequest) -> GenerateOutput: ...
+
+    @overload
+    async def generate(self, request: Sequence[GenerateRequest]) -> list[GenerateOutput]: ...
+
+    async def generate(
+        self, request: GenerateRequest | Sequence[GenerateRequest]
+    ) -> GenerateOutput | list[GenerateOutput]:
+        """Generate for one request, or for several concurrently (outputs in request order).
+
+        Cancelling the awaiting task aborts the request(s) on the server.
+        """
+        if isinstance(request, GenerateRequest):
+            return await self._generate_one(request)
+        return list(await asyncio.gather(*(self._generate_one(r) for r in request)))
+
+    async def _generate_one(
+        self, request: GenerateRequest, *, idempotent: bool = False
+    ) -> GenerateOutput:
+        request = request if request.rid else request.with_rid()
+        try:
+            payload = await self._call(
+                "POST", "/generate", json=request.to_json(), idempotent=idempotent
+            )
+        except asyncio.CancelledError:
+            self._abort_in_background(request.rid)
+            raise
+        if isinstance(payload, list) and len(payload) == 1:
+            payload = payload[0]
+        return parse_generate_output(payload, request, self.routed_experts_shape)
+
+    async def score(
+        self,
+        prompt_ids: Sequence[int] | np.ndarray,
+        response_ids: Sequence[int] | np.ndarray,
+        top_logprobs_num: int = 0,
+        rid: str | None = None,
+    ) -> ScoreOutput:
+        """Log-probs this server's model gives ``response_ids`` after ``prompt_ids``.
+
+        Prefill-only (``max_new_tokens = 0``), so it is idempotent and retried like a read.
+
+        Returns:
+            ScoreOutput with float32 [N] log-probs (N = len(response_ids)) and, when
+            ``top_logprobs_num = K > 0``, the top-K log-probs and ids per position [N, K].
+        """
+        request = make_score_request(prompt_ids, response_ids, top_logprobs_num, rid)
+        output = await self._generate_one(request, idempotent=True)
+        return parse_score_output(output, request)
+
+    async def abort(self, rid: str | None = None, *, abort_all: bool = False) -> None:
+        """Abort one request by rid, or every request on the server."""
+        if (rid is None) == (not abort_all):
+            raise ValueError("pass exactly one of rid or abort_all=True")
+        body = {"abort_all": True} if abort_all else {"rid": rid}
+        await self._call(
+            "POST",
+            "/abort_request",
+            json=body,
+            idempotent=True,
+            timeout_s=self.config.info_timeout_s,
+            expect_json=False,
+        )
+
+    def _abort_in_background(self, rid: str | None) -> None:
+        async def abort_quietly() -> None:
+            try:
+                await self.abort(rid)
+            except Exception as exc:  # the request may already be gone; nothing to undo
+                log.warning("%s: abort of cancelled request %s failed: %s", self.name, rid, exc)
+
+        task = asyncio.get_running_loop().create_task(abort_quietly())
+        self._pending_aborts.add(task)
+        task.add_done_callback(self._pending_aborts.discard)
+
+    # -- weights and memory --------------------------------------------------------------------
+
+    async def update_weights(self, request: WeightUpdateRequest) -> WeightUpdateResult:
+        """Send one weight-sync request; raises ``WeightUpdateError`` unless it succeeded."""
+        try:
+            payload = await self._call(
+                "POST",
+                request.route,
+                json=request.to_json(),
+                idempotent=False,
+                timeout_s=self.config.admin_timeout_s,
+            )
+        except EngineError as exc:
+            if type(exc) is EngineError:  # an error answer: report it as a failed update
+                raise WeightUpdateError(exc.url, exc.route, str(exc), exc.status) from exc
+            raise
+        if isinstance(request, UpdateWeightVersion):
+            payload = {"success": True, "message": "", **(payload or {})}
+        result = parse_weight_update_result(payload, request.route)
+        if not result.success:
+            raise WeightUpdateError(self.name, request.route, result.message or "success: false")
+        return result
+
+    async def update_weights_from_disk(
+        self,
+        model_path: str,
+        *,
+        weight_version: str | None = None,
+        load_format: str | None = None,
+        flush_cache: bool = True,
+        abort_all_requests: bool = False,
+    ) -> WeightUpdateResult:
+        """Reload weights from ``model_path`` (HF layout) and label them ``weight_version``."""
+        return await self.update_weights(
+            UpdateWeightsFromDisk(
+                model_path=model_path,
+                load_format=load_format,
+                weight_version=weight_version,
+                flush_cache=flush_cache,
+                abort_all_requests=abort_all_requests,
+            )
+        )
+
+    async def update_weights_from_tensor(
+        self,
+        serialized_named_tensors: Sequence[bytes],
+        *,
+        load_format: str | None = None,
+        weight_version: str | None = None,
+        flush_cache: bool = True,
+    ) -> WeightUpdateResult:
+        """Load tensors serialized by the engine's own serializer (one payload per TP rank)."""
+        return await self.update_weights(
+            UpdateWeightsFromTensor(
+                serialized_named_tensors=tuple(serialized_named_tensors),
+                load_format=load_format,
+                weight_version=weight_version,
+                flush_cache=flush_cache,
+            )
+        )
+
+    async def init_weights_update_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        *,
+        group_name: str = "weight_update_group",
+        backend: str = "nccl",
+    ) -> WeightUpdateResult:
+        """Join the trainer's NCCL group used by ``update_weights_from_distributed``."""
+        return await self.update_weights(
+            InitWeightsUpdateGroup(
+                master_address=master_address,
+                master_port=master_port,
+                rank_offset=rank_offset,
+                world_size=world_size,
+                group_name=group_name,
+                backend=backend,
+            )
+        )
+
+    async def update_weights_from_distributed(
+        self,
+        names: Sequence[str],
+        dtypes: Sequence[str],
+        shapes: Sequence[Sequence[int]],
+        *,
+        group_name: str = "weight_update_group",
+        weight_version: str | None = None,
+        flush_cache: bool = True,
+    ) -> WeightUpdateResult:
+        """Receive the named tensors the trainer broadcasts in ``group_name``."""
+        return await self.update_weights(
+            UpdateWeightsFromDistributed(
+                names=tuple(names),
+                dtypes=tuple(dtypes),
+                shapes=tuple(map(tuple, shapes)),
+                group_name=group_name,
+                weight_version=weight_version,
+                flush_cache=flush_cache,
+            )
+        )
+
+    async def destroy_weights_update_group(
+        self, group_name: str = "weight_update_group"
+    ) -> WeightUpdateResult:
+        return await self.update_weights(DestroyWeightsUpdateGroup(group_name=group_name))
+
+    async def update_weight_version(
+        self, new_version: str, *, abort_all_requests: bool = False
+    ) -> WeightUpdateResult:
+        return await self.update_weights(
+            UpdateWeightVersion(new_version=new_version, abort_all_requests=abort_all_requests)
+        )
+
+    async def flush_cache(self) -> bool:
+        """Drop the prefix (radix) cache; False when the server refused (requests running)."""
+        try:
+            await self._call(
+                "POST",
+                "/flush_cache",
+                idempotent=True,
+                timeout_s=self.config.info_timeout_s,
+                expect_json=False,
+            )
+        except EngineUnavailable:
+            raise
+        except EngineError as exc:
+            if exc.status == 400:
+                return False
+            raise
+        return True
+
+    async def release_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        """Free GPU memory (``weights``, ``kv_cache``) while the trainer runs on the same GPUs."""
+        body = {"tags": list(tags)} if tags is not None else {}
+        await self._call(
+            "POST",
+            "/release_memory_occupation",
+            json=body,
+            idempotent=True,
+            timeout_s=self.config.admin_timeout_s,
+        )
+
+    async def resume_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        body = {"tags": list(tags)} if tags is not None else {}
+        await self._call(
+            "POST",
+            "/resume_memory_occupation",
+            json=body,
+            idempotent=True,
+            timeout_s=self.config.admin_timeout_s,
+        )
+
+    async def pause_generation(
+        self, mode: Literal["abort", "retract", "in_place"] = "abort"
+    ) -> None:
+        await self._call(
+            "POST",
+            "/pause_generation",
+            json={"mode": mode},
+            idempotent=False,
+            timeout_s=self.config.admin_timeout_s,
+        )
+
+    async def continue_generation(self) -> None:
+        await self._call(
+            "POST",
+            "/continue_generation",
+            json={},
+            idempotent=False,
+            timeout_s=self.config.admin_timeout_s,
+        )
+
+    # -- health and info -----------------------------------------------------------------------
+
+    async def health(self) -> bool:
+        """True when ``/health`` answers 200 (one attempt: a probe, not a wait)."""
+        try:
+            response = await self._http.get("/health", timeout=self.config.info_timeout_s)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def health_generate(self) -> bool:
+        """True when the server generates one token (``/health_generate``)."""
+        try:
+            response = await self._http.get("/health_generate", timeout=self.config.info_timeout_s)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def wait_until_healthy(self, timeout_s: float = 300.0, poll_s: float = 0.5) -> None:
+        """Poll ``/health`` until 200; raises ``EngineUnavailable`` after ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not await self.health():
+            if loop.time() >= deadline:
+                raise EngineUnavailable(self.name, "/health", f"not healthy after {timeout_s:.0f}s")
+            await asyncio.sleep(poll_s)
+
+    async def get_model_info(self) -> ModelInfo:
+        payload = await self._call(
+            "GET", "/get_model_info", idempotent=True, timeout_s=self.config.info_timeout_s
+        )
+        return parse_model_info(payload)
+
+    async def get_server_info(self) -> dict[str, Any]:
+        payload = await self._call(
+            "GET", "/get_server_info", idempotent=True, timeout_s=self.config.info_timeout_s
+        )
+        if not isinstance(payload, dict):
+            raise EngineError(self.name, "/get_server_info", f"not an object: {payload!r:.200}")
+        return payload
+
+    async def weight_version(self) -> str | None:
+        """The version label of the weights the server serves now."""
+        return (await self.get_model_info()).weight_version
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Finish pending aborts, then close the connection pool."""
+        if self._pending_aborts:
+            await asyncio.gather(*self._pending_aborts, return_exceptions=True)
+        await self._http.aclose()
+
+    async def __aenter__(self) -> EngineClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"EngineClient({self.name!r})"
+
+
+class SyncEngineClient:
+    """Blocking facade over an ``EngineClient`` that runs on a private event-loop thread.
+
+    Every public coroutine method of ``EngineClient`` is available with the same arguments,
+    returning its result (e.g. ``SyncEngineClient(url).generate(request)``).
+    """
+
+    def __init__(self, base_url: str, config: ClientConfig | None = None, **kwargs: Any):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"engine-client-{base_url}", daemon=True
+        )
+        self._thread.start()
+
+        async def make() -> EngineClient:  # httpx binds its pool to the loop that creates it
+            return EngineClient(base_url, config, **kwargs)
+
+        self._client = self._run(make())
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        target = getattr(self._client, name)
+        if not asyncio.iscoroutinefunction(target):
+            return target
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._run(target(*args, **kwargs))
+
+        call.__doc__ = target.__doc__
+        return call
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._run(self._client.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    def __enter__(self) -> SyncEngineClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
