@@ -176,7 +176,9 @@ class SamplingParams:
         if isinstance(stop, str):
             stop = (stop,)
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-            raise RequestError(f"sampling_params.stop must be a string or a list of strings, got {stop!r}")
+            raise RequestError(
+                f"sampling_params.stop must be a string or a list of strings, got {stop!r}"
+            )
         stop_ids = raw.get("stop_token_ids") or ()
         if not isinstance(stop_ids, (list, tuple, set)) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in stop_ids
@@ -193,7 +195,9 @@ class SamplingParams:
             flags[name] = value
 
         if not math.isfinite(temperature) or temperature < 0.0:
-            raise RequestError(f"temperature must be a non-negative finite number, got {temperature}.")
+            raise RequestError(
+                f"temperature must be a non-negative finite number, got {temperature}."
+            )
         if 0.0 <= temperature < _SAMPLING_EPS:  # greedy, as SGLang normalises it
             temperature, top_k = 1.0, 1
         if top_k == -1:
@@ -465,6 +469,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._memory_released = False
+        self._paused = False
         self.num_generated_tokens = 0
 
     # -- model facts ----------------------------------------------------------------------------
@@ -568,8 +573,7 @@ class Engine:
         if req.return_routed_experts:
             if not self.config.enable_return_routed_experts:
                 raise RequestError(
-                    "return_routed_experts requires the server flag "
-                    "--enable-return-routed-experts"
+                    "return_routed_experts requires the server flag --enable-return-routed-experts"
                 )
             if not self.capture.is_moe:
                 raise RequestError(
@@ -635,7 +639,7 @@ class Engine:
                 return False, f"model_path {model_path!r} is not a directory"
             try:
                 fresh = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype)
-            except Exception as exc:  # noqa: BLE001 - reported to the caller, server stays up
+            except Exception as exc:
                 return False, f"Failed to load weights from {model_path}: {exc}"
             ok, msg = self._copy_weights(fresh.state_dict().items(), require_all=True)
             if not ok:
@@ -679,7 +683,11 @@ class Engine:
             )
         bad = [(n, tuple(t.shape)) for n, t in named if tuple(t.shape) != tuple(state[n].shape)]
         if bad:
-            return False, f"shape mismatch for {bad[:4]} (expected {[tuple(state[n].shape) for n, _ in bad[:4]]})"
+            return (
+                False,
+                "shape mismatch (name, got, expected): "
+                f"{[(n, shape, tuple(state[n].shape)) for n, shape in bad[:4]]}",
+            )
         if require_all:
             missing = set(state) - {n for n, _ in named}
             if missing:
@@ -716,6 +724,19 @@ class Engine:
 
         return self.call(run).result()
 
+    def pause(self, abort_all: bool = False) -> None:
+        """Stop stepping (SGLang's /pause_generation); ``abort_all`` aborts everything first."""
+
+        def run() -> None:
+            if abort_all:
+                self._abort_matching("", True)
+            self._paused = True
+
+        self.call(run).result()
+
+    def resume(self) -> None:
+        self.call(lambda: setattr(self, "_paused", False)).result()
+
     def resume_memory(self) -> tuple[bool, str]:
         def run() -> tuple[bool, str]:
             if self.device.type != "cpu":
@@ -731,14 +752,15 @@ class Engine:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
             try:
-                self._drain(block=not (self._running or self._waiting))
-                if self._memory_released:
+                idle = self._memory_released or self._paused
+                self._drain(block=idle or not (self._running or self._waiting))
+                if self._memory_released or self._paused:
                     continue
                 if self._waiting and len(self._running) < self.cache.num_slots:
                     self._prefill()
                 if self._running:
                     self._decode()
-            except Exception as exc:  # noqa: BLE001 - fail the requests, keep serving
+            except Exception as exc:
                 logger.exception("engine step failed")
                 for seq in list(self._running) + list(self._waiting):
                     if not seq.future.done():
@@ -765,7 +787,7 @@ class Engine:
                 fn, future = cmd[1], cmd[2]
                 try:
                     future.set_result(fn())
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     future.set_exception(exc)
 
     def _abort_matching(self, rid: str, abort_all: bool) -> None:
@@ -874,11 +896,12 @@ class Engine:
                 rows = torch.arange(offset, offset + n_in - start - 1, device=self.device)
                 nxt = torch.tensor(seq.prompt[start + 1 : n_in], device=self.device)
                 vals = raw_logp_NV[rows, nxt].tolist() if len(rows) else []
-                seq.in_lp = [(None, seq.prompt[start])] + list(
-                    zip(vals, seq.prompt[start + 1 : n_in], strict=True)
-                )
+                seq.in_lp = [
+                    (None, seq.prompt[start]),
+                    *list(zip(vals, seq.prompt[start + 1 : n_in], strict=True)),
+                ]
                 if seq.req.top_logprobs_num > 0:
-                    seq.in_top = [None] + _top_entries(raw_logp_NV[rows], seq.req.top_logprobs_num)
+                    seq.in_top = [None, *_top_entries(raw_logp_NV[rows], seq.req.top_logprobs_num)]
             last_rows.append(offset + n_in - 1 - start)
         needs_token = [s for s in batch if s.req.sampling.max_new_tokens != 0]
         if needs_token:
@@ -934,7 +957,9 @@ class Engine:
             if seq.req.return_logprob:
                 seq.out_lp.append((token_lps[b], token))
                 if want_top[b]:
-                    seq.out_top.append(_top_entries(report_BV[b : b + 1], seq.req.top_logprobs_num)[0])
+                    seq.out_top.append(
+                        _top_entries(report_BV[b : b + 1], seq.req.top_logprobs_num)[0]
+                    )
             seq.finish = self._check_finish(seq, token)
         self.num_generated_tokens += len(seqs)
 
@@ -981,7 +1006,7 @@ class Engine:
             return
         try:
             seq.future.set_result(self._build_output(seq))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             seq.future.set_exception(exc)
 
     def _build_output(self, seq: _Seq) -> Output:
@@ -1008,7 +1033,9 @@ class Engine:
         if req.return_logprob:
             if seq.in_lp is None:  # aborted before prefill
                 start = len(seq.prompt) - 1 if req.logprob_start_len < 0 else req.logprob_start_len
-                seq.in_lp = [(None, seq.prompt[start])] + [(None, t) for t in seq.prompt[start + 1 :]]
+                seq.in_lp = [(None, seq.prompt[start])] + [
+                    (None, t) for t in seq.prompt[start + 1 :]
+                ]
             out.input_token_logprobs = seq.in_lp
             out.output_token_logprobs = list(seq.out_lp)
             if req.top_logprobs_num > 0:
@@ -1019,7 +1046,9 @@ class Engine:
             if seq.routes:
                 routes_TLk = torch.cat(seq.routes, dim=0)
             else:
-                routes_TLk = torch.zeros((0, self.num_layers, self.top_k_experts), dtype=torch.int32)
+                routes_TLk = torch.zeros(
+                    (0, self.num_layers, self.top_k_experts), dtype=torch.int32
+                )
             start = min(req.routed_experts_start_len, max(seqlen - 1, 0))
             out.routed_experts = routes_TLk[start : seqlen - 1].numpy()
         return out
@@ -1049,6 +1078,4 @@ def _top_entries(logp_NV: torch.Tensor, k: int) -> list[list[LogprobEntry]]:
     if logp_NV.shape[0] == 0:
         return []
     vals, idx = logp_NV.topk(min(k, logp_NV.shape[1]), dim=-1)
-    return [
-        list(zip(v, i, strict=True)) for v, i in zip(vals.tolist(), idx.tolist(), strict=True)
-    ]
+    return [list(zip(v, i, strict=True)) for v, i in zip(vals.tolist(), idx.tolist(), strict=True)]

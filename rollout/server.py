@@ -1,0 +1,611 @@
+"""``python -m rollout.server``: the embedded engine behind SGLang's HTTP API.
+
+A drop-in for ``python -m sglang.launch_server`` on machines without SGLang (CPU, one GPU):
+rollout workers and teacher scorers use the same client for both. Routes, request fields,
+response shapes and error bodies follow SGLang's ``srt/entrypoints/http_server.py``,
+``srt/managers/io_struct.py`` and ``srt/managers/tokenizer_manager.py``:
+
+``/generate`` (POST/PUT)
+    ``text`` or ``input_ids``, single or batched; ``sampling_params`` (dict or list);
+    ``rid``; ``return_logprob``, ``logprob_start_len``, ``top_logprobs_num``,
+    ``return_text_in_logprobs``; ``return_routed_experts``, ``routed_experts_start_len``;
+    ``stream`` (answered as one final SSE chunk per item, then ``[DONE]``).
+    Each result is ``{"text", "output_ids", "meta_info"}``; ``meta_info`` holds ``id``,
+    ``finish_reason`` (``{"type": "length", "length": N}``, ``{"type": "stop", "matched":
+    token_id_or_str}``, ``{"type": "abort", "message": ...}``), ``prompt_tokens``,
+    ``completion_tokens``, ``cached_tokens``, ``weight_version``, ``e2e_latency`` and, when
+    asked, ``input_token_logprobs`` / ``output_token_logprobs`` as ``[logprob, token_id,
+    text_or_null]`` triples (the first prompt entry's logprob is null), ``input_top_logprobs``
+    / ``output_top_logprobs`` and ``routed_experts`` (base64 int32 ``[seqlen - 1 - start,
+    num_hidden_layers, num_experts_per_tok]``, dense layers 0). A single prompt with ``n == 1``
+    answers a dict, anything else a list (prompt-major: the ``n`` samples of prompt 0 first).
+    Parallel samples get rids ``{rid}_{j}``; aborting ``rid`` aborts them all (prefix match).
+``/update_weights_from_disk``, ``/update_weights_from_tensor``, ``/update_weight_version``,
+``/flush_cache``, ``/abort_request``, ``/health``, ``/health_generate``, ``/get_model_info``,
+``/get_weight_version``, ``/get_server_info``, ``/release_memory_occupation``,
+``/resume_memory_occupation``, ``/pause_generation``, ``/continue_generation``.
+
+Errors: a body that is not valid JSON or has wrongly typed fields answers 400 with SGLang's
+validation body ``{"object": "error", "message", "type": "Bad Request", "param", "code":
+400}``; a request the engine cannot run (context length, bad ids, bad sampling params) answers
+400 with ``{"error": {"message": ...}}`` as SGLang's ``_create_error_response`` does.
+
+Launch flags: SGLang's names (``--model-path``, ``--tokenizer-path``, ``--host`` (default
+127.0.0.1), ``--port``, ``--dtype``, ``--device``, ``--enable-return-routed-experts``,
+``--max-running-requests``, ``--max-prefill-tokens``, ``--context-length``,
+``--random-seed``, ``--weight-version``, ``--log-level``); other SGLang flags are accepted and
+reported as ignored in one log line. ``--torch-num-threads`` is ours.
+
+Weight updates run between two engine steps; requests in flight continue on the new weights
+with the keys/values they already cached (SGLang's in-place pause/update/continue). The
+tensor route takes SGLang's ``serialized_named_tensors`` (base64 of
+``MultiprocessingSerializer`` = ``ForkingPickler`` bytes of ``[(name, tensor), ...]``, one
+entry per TP rank; we read entry 0), unpickled with an allowlist of torch's tensor-rebuild
+functions only. CPU tensors cross processes only with torch's ``file_system`` sharing
+strategy on the sender (CUDA tensors use CUDA IPC); names are the served model's
+``state_dict`` names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import io
+import json
+import logging
+import os
+import pickle
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from mopd.inference.protocol import encode_routed_experts
+from rollout.engine import Engine, EngineConfig, Output, RequestError, SamplingParams
+from rollout.engine import Request as EngineRequest
+
+__all__ = ["build_app", "main", "output_to_sglang", "parse_args"]
+
+logger = logging.getLogger("rollout.server")
+
+VERSION = "embedded-0.1 (SGLang 0.5.23 HTTP API)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Request bodies (SGLang io_struct names; unknown fields are ignored, as SGLang's dataclasses do)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class GenerateReqInput(_Body):
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    input_embeds: Any = None
+    image_data: Any = None
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
+    rid: str | list[str] | None = None
+    return_logprob: bool | list[bool] | None = None
+    logprob_start_len: int | list[int] | None = None
+    top_logprobs_num: int | list[int] | None = None
+    token_ids_logprob: Any = None
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+    return_hidden_states: bool | list[bool] = False
+    return_routed_experts: bool = False
+    routed_experts_start_len: int = 0
+    lora_path: Any = None
+
+
+class UpdateWeightFromDiskReqInput(_Body):
+    model_path: str
+    load_format: str | None = None
+    abort_all_requests: bool = False
+    weight_version: str | None = None
+    flush_cache: bool = True
+
+
+class UpdateWeightsFromTensorReqInput(_Body):
+    serialized_named_tensors: list[str]
+    load_format: str | None = None
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    weight_version: str | None = None
+
+
+class UpdateWeightVersionReqInput(_Body):
+    new_version: str
+    abort_all_requests: bool = True
+
+
+class AbortReq(_Body):
+    rid: str | None = None
+    abort_all: bool = False
+
+
+class MemoryReqInput(_Body):
+    tags: list[str] | None = None
+
+
+class PauseGenerationReqInput(_Body):
+    mode: str = "abort"
+
+
+def _error(message: str, status: int = 400) -> JSONResponse:
+    return JSONResponse({"error": {"message": message}}, status_code=status)
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation (GenerateReqInput.normalize_batch_and_arguments) and response building
+# ---------------------------------------------------------------------------------------------
+
+
+def _per_item(value: Any, num: int, name: str, default: Any) -> list[Any]:
+    if value is None:
+        return [default] * num
+    if isinstance(value, list):
+        if len(value) != num:
+            raise RequestError(f"{name} has {len(value)} entries for a batch of {num} prompts")
+        return [default if v is None else v for v in value]
+    return [value] * num
+
+
+def normalize(obj: GenerateReqInput, engine: Engine) -> tuple[bool, list[EngineRequest]]:
+    """Turn a ``/generate`` body into engine requests; returns (is_single, requests)."""
+    if obj.input_embeds is not None or obj.image_data is not None:
+        raise RequestError("input_embeds and image_data are not supported by the embedded engine")
+    if obj.lora_path is not None:
+        raise RequestError("lora_path is not supported by the embedded engine")
+    if obj.token_ids_logprob:
+        raise RequestError("token_ids_logprob is not supported by the embedded engine")
+    if obj.return_hidden_states is True or (
+        isinstance(obj.return_hidden_states, list) and any(obj.return_hidden_states)
+    ):
+        raise RequestError("return_hidden_states is not supported by the embedded engine")
+    if obj.text is None and obj.input_ids is None:
+        raise RequestError("Either text, input_ids or input_embeds should be provided.")
+    if obj.text is not None and obj.input_ids is not None:
+        raise RequestError("Provide either text or input_ids, not both.")
+    if obj.text is not None:
+        is_single = isinstance(obj.text, str)
+        texts = [obj.text] if is_single else list(obj.text)
+        prompts = [engine.tokenizer.encode(t) for t in texts]
+    else:
+        ids = obj.input_ids
+        if len(ids) == 0:
+            raise RequestError("input_ids cannot be empty.")
+        is_single = not isinstance(ids[0], list)
+        prompts = [list(ids)] if is_single else [list(p) for p in ids]
+    num = len(prompts)
+    if num == 0:
+        raise RequestError("the batch is empty")
+    raw_params = _per_item(obj.sampling_params, num, "sampling_params", {})
+    params = [SamplingParams.from_dict(p) for p in raw_params]
+    n = params[0].n
+    if any(p.n != n for p in params):
+        raise RequestError(
+            "The parallel_sample_num should be the same for all samples in sample params."
+        )
+    if isinstance(obj.rid, list):
+        if len(obj.rid) != num:
+            raise RequestError(
+                "The specified rids length mismatch with the batch_size for batch processing."
+            )
+        rids = list(obj.rid)
+    elif obj.rid is None:
+        rids = [uuid.uuid4().hex for _ in range(num)]
+    else:
+        rids = [obj.rid] if is_single else [f"{obj.rid}_{i}" for i in range(num)]
+    return_logprob = _per_item(obj.return_logprob, num, "return_logprob", False)
+    start_len = _per_item(obj.logprob_start_len, num, "logprob_start_len", -1)
+    top_num = _per_item(obj.top_logprobs_num, num, "top_logprobs_num", 0)
+    requests = []
+    for i in range(num):
+        for j in range(n):
+            requests.append(
+                EngineRequest(
+                    input_ids=tuple(int(t) for t in prompts[i]),
+                    sampling=params[i],
+                    rid=rids[i] if n == 1 else f"{rids[i]}_{j}",
+                    return_logprob=bool(return_logprob[i]),
+                    logprob_start_len=int(start_len[i]),
+                    top_logprobs_num=int(top_num[i]),
+                    return_routed_experts=obj.return_routed_experts,
+                    routed_experts_start_len=obj.routed_experts_start_len,
+                    copy_index=j,
+                )
+            )
+    return is_single and n == 1, requests
+
+
+def _triples(entries, tokenizer, with_text: bool) -> list[tuple[float | None, int, str | None]]:
+    if not with_text:
+        return [(lp, tid, None) for lp, tid in entries]
+    texts = tokenizer.batch_decode([[tid] for _, tid in entries])
+    return [(lp, tid, txt) for (lp, tid), txt in zip(entries, texts, strict=True)]
+
+
+def output_to_sglang(out: Output, req: EngineRequest, tokenizer, with_text: bool = False) -> dict:
+    """One ``/generate`` result dict, shaped as SGLang's tokenizer manager builds it."""
+    meta: dict[str, Any] = {
+        "id": out.rid,
+        "finish_reason": out.finish_reason,
+        "prompt_tokens": out.prompt_tokens,
+        "weight_version": out.weight_version,
+        "completion_tokens": len(out.output_ids),
+        "cached_tokens": 0,
+        "e2e_latency": out.e2e_latency,
+    }
+    if req.return_logprob:
+        meta["input_token_logprobs"] = _triples(
+            out.input_token_logprobs or [], tokenizer, with_text
+        )
+        meta["output_token_logprobs"] = _triples(
+            out.output_token_logprobs or [], tokenizer, with_text
+        )
+        meta["output_token_logprobs_length"] = len(meta["output_token_logprobs"])
+        if req.top_logprobs_num > 0:
+            meta["input_top_logprobs"] = [
+                None if row is None else _triples(row, tokenizer, with_text)
+                for row in out.input_top_logprobs or []
+            ]
+            meta["output_top_logprobs"] = [
+                _triples(row, tokenizer, with_text) for row in out.output_top_logprobs or []
+            ]
+    if out.routed_experts is not None:
+        meta["routed_experts"] = encode_routed_experts(out.routed_experts)
+    return {"text": out.text, "output_ids": out.output_ids, "meta_info": meta}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor payloads of /update_weights_from_tensor
+# ---------------------------------------------------------------------------------------------
+
+_ALLOWED_GLOBALS = {
+    "torch._utils": None,  # _rebuild_tensor_v2, _rebuild_parameter, ...
+    "torch.multiprocessing.reductions": None,  # rebuild_tensor, rebuild_storage_fd, cuda ...
+    "torch.storage": None,
+    "multiprocessing.resource_sharer": {"DupFd"},
+    "multiprocessing.reduction": {"rebuild_ctype", "DupFd"},
+    "collections": {"OrderedDict"},
+    "builtins": {"list", "tuple", "dict", "set", "int", "float", "str", "bytes", "bytearray"},
+    "torch": None,  # dtypes, Size, device, storage classes (checked below)
+}
+
+
+class _TensorUnpickler(pickle.Unpickler):
+    """Unpickles ``[(name, tensor), ...]`` and nothing else that could run code."""
+
+    def find_class(self, module: str, name: str):
+        allowed = _ALLOWED_GLOBALS.get(module, False)
+        if allowed is False or (allowed is not None and name not in allowed):
+            raise pickle.UnpicklingError(f"blocked {module}.{name} in a weight payload")
+        obj = super().find_class(module, name)
+        if module == "torch" and not (
+            isinstance(obj, (torch.dtype, torch.device))
+            or obj in (torch.Size, torch.Tensor)
+            or name.endswith("Storage")
+        ):
+            raise pickle.UnpicklingError(f"blocked torch.{name} in a weight payload")
+        return obj
+
+
+def decode_named_tensors(
+    serialized: list[str], load_format: str | None
+) -> list[tuple[str, torch.Tensor]]:
+    """Decode SGLang's ``serialized_named_tensors`` (entry 0: this server is one TP rank)."""
+    if load_format not in (None, "direct"):
+        raise RequestError(
+            f"load_format={load_format!r} is not supported by the embedded engine; send "
+            "serialized [(name, tensor), ...] with load_format null"
+        )
+    if not serialized:
+        raise RequestError("serialized_named_tensors is empty")
+    try:
+        raw = base64.b64decode(serialized[0], validate=True)
+        import torch.multiprocessing
+
+        named = _TensorUnpickler(io.BytesIO(raw)).load()
+    except (binascii.Error, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise RequestError(f"could not decode serialized_named_tensors[0]: {exc}") from exc
+    if not isinstance(named, (list, tuple)) or not all(
+        isinstance(x, (list, tuple)) and len(x) == 2 and isinstance(x[1], torch.Tensor)
+        for x in named
+    ):
+        raise RequestError("serialized_named_tensors[0] must hold a list of (name, tensor) pairs")
+    return [(str(name), tensor) for name, tensor in named]
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------
+
+
+def build_app(engine: Engine, server_args: dict[str, Any] | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` (started or not: it is started on app startup)."""
+    app = FastAPI(title="mopd embedded engine (SGLang HTTP API)")
+    server_args = dict(server_args or {})
+
+    @app.on_event("startup")
+    async def _startup() -> None:
+        engine.start()
+        logger.info("The server is fired up and ready to roll!")
+
+    @app.on_event("shutdown")
+    async def _shutdown() -> None:
+        engine.shutdown()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        parts = []
+        for err in errors:
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            if err.get("type") == "json_invalid":
+                parts.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', '')})")
+            elif not loc and err.get("type") in ("model_attributes_type", "dict_type"):
+                parts.append("the body must be a JSON object")
+            else:
+                parts.append(f"{loc or 'body'}: {err.get('msg')}")
+        message = "Invalid request: " + "; ".join(parts)
+        return JSONResponse(
+            {
+                "object": "error",
+                "message": message,
+                "type": "Bad Request",
+                "param": None,
+                "code": 400,
+            },
+            status_code=400,
+        )
+
+    async def _run(reqs: list[EngineRequest]) -> list[Output]:
+        futures = [engine.submit(r) for r in reqs]
+        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+
+    @app.api_route("/generate", methods=["POST", "PUT"])
+    async def generate(obj: GenerateReqInput):
+        try:
+            is_single, reqs = normalize(obj, engine)
+            outs = await _run(reqs)
+        except RequestError as exc:
+            logger.info("[http_server] Error: %s", exc)
+            return _error(str(exc))
+        results = [
+            output_to_sglang(o, r, engine.tokenizer, obj.return_text_in_logprobs)
+            for o, r in zip(outs, reqs, strict=True)
+        ]
+        if obj.stream:
+
+            async def events() -> AsyncIterator[bytes]:
+                for index, result in enumerate(results):
+                    if not is_single:
+                        result = {**result, "index": index}
+                    yield b"data: " + json.dumps(result).encode() + b"\n\n"
+                yield b"data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        return results[0] if is_single else results
+
+    @app.get("/health")
+    async def health() -> Response:
+        alive = engine._thread is not None and engine._thread.is_alive()
+        return Response(status_code=200 if alive else 503)
+
+    @app.get("/health_generate")
+    async def health_generate() -> Response:
+        req = EngineRequest(
+            input_ids=(0,),
+            sampling=SamplingParams.from_dict({"max_new_tokens": 1, "temperature": 0.0}),
+            rid=f"HEALTH_CHECK_{time.time()}",
+        )
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(engine.submit(req)), timeout=20)
+        except Exception:
+            return Response(status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/get_model_info")
+    async def get_model_info() -> dict:
+        return engine.model_info()
+
+    @app.get("/get_weight_version")
+    async def get_weight_version() -> dict:
+        return {"weight_version": engine.weight_version}
+
+    @app.get("/get_server_info")
+    async def get_server_info() -> dict:
+        return {
+            **server_args,
+            "weight_version": engine.weight_version,
+            "max_req_input_len": engine.context_len - 1,
+            "context_length": engine.context_len,
+            "internal_states": [
+                {
+                    "num_running_reqs": engine.num_running,
+                    "num_waiting_reqs": engine.num_waiting,
+                    "num_generated_tokens": engine.num_generated_tokens,
+                }
+            ],
+            "version": VERSION,
+        }
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    def flush_cache() -> Response:
+        ok = engine.flush_cache()
+        return Response(
+            content="Cache flushed.\nPlease check backend logs for more details. "
+            "(When there are running or waiting requests, the operation will not be performed.)\n",
+            status_code=200 if ok else 400,
+        )
+
+    @app.post("/abort_request")
+    def abort_request(obj: AbortReq) -> Response:
+        engine.abort(obj.rid or "", abort_all=obj.abort_all)
+        return Response(status_code=200)
+
+    @app.post("/update_weights_from_disk")
+    def update_weights_from_disk(obj: UpdateWeightFromDiskReqInput) -> JSONResponse:
+        if obj.load_format not in (None, "auto", "safetensors"):
+            ok, msg = False, f"load_format={obj.load_format!r} is not supported; use safetensors"
+        else:
+            ok, msg = engine.update_weights_from_disk(
+                obj.model_path, obj.weight_version, obj.abort_all_requests
+            )
+        if ok and obj.weight_version is not None:
+            msg += f" Weight version updated to {obj.weight_version}."
+        content = {"success": ok, "message": msg, "num_paused_requests": 0}
+        return JSONResponse(content, status_code=200 if ok else 400)
+
+    @app.post("/update_weights_from_tensor")
+    def update_weights_from_tensor(obj: UpdateWeightsFromTensorReqInput) -> JSONResponse:
+        try:
+            named = decode_named_tensors(obj.serialized_named_tensors, obj.load_format)
+        except RequestError as exc:
+            return JSONResponse({"success": False, "message": str(exc)}, status_code=400)
+        ok, msg = engine.update_weights_from_tensors(
+            named, obj.weight_version, obj.abort_all_requests
+        )
+        if ok and obj.weight_version is not None:
+            msg += f" Weight version updated to {obj.weight_version}."
+        return JSONResponse({"success": ok, "message": msg}, status_code=200 if ok else 400)
+
+    @app.post("/update_weight_version")
+    def update_weight_version(obj: UpdateWeightVersionReqInput) -> JSONResponse:
+        engine.set_weight_version(obj.new_version, obj.abort_all_requests)
+        return JSONResponse(
+            {
+                "success": True,
+                "message": f"Weight version updated to {obj.new_version}",
+                "new_version": obj.new_version,
+            }
+        )
+
+    for unsupported in (
+        "/init_weights_update_group",
+        "/destroy_weights_update_group",
+        "/update_weights_from_distributed",
+        "/update_weights_from_ipc",
+    ):
+
+        def _unsupported(route: str = unsupported) -> JSONResponse:
+            return JSONResponse(
+                {
+                    "success": False,
+                    "message": f"{route} is not supported by the embedded engine server; use "
+                    "/update_weights_from_disk or /update_weights_from_tensor",
+                },
+                status_code=400,
+            )
+
+        app.add_api_route(unsupported, _unsupported, methods=["POST"])
+
+    @app.api_route("/release_memory_occupation", methods=["GET", "POST"])
+    def release_memory_occupation(obj: MemoryReqInput | None = None):
+        ok, msg = engine.release_memory()
+        return None if ok else _error(msg)
+
+    @app.api_route("/resume_memory_occupation", methods=["GET", "POST"])
+    def resume_memory_occupation(obj: MemoryReqInput | None = None):
+        ok, msg = engine.resume_memory()
+        return None if ok else _error(msg)
+
+    @app.post("/pause_generation")
+    def pause_generation(obj: PauseGenerationReqInput | None = None) -> JSONResponse:
+        mode = obj.mode if obj is not None else "abort"
+        if mode not in ("abort", "retract", "in_place"):
+            return _error(
+                f"Invalid mode: {mode!r}. Expected one of ['abort', 'retract', 'in_place']."
+            )
+        engine.pause(abort_all=mode == "abort")
+        return JSONResponse({"message": "Generation paused successfully.", "status": "ok"})
+
+    @app.post("/continue_generation")
+    def continue_generation() -> JSONResponse:
+        engine.resume()
+        return JSONResponse({"message": "Generation continued successfully.", "status": "ok"})
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """SGLang's core launch flags; returns (args, ignored SGLang flags)."""
+    p = argparse.ArgumentParser(
+        prog="python -m rollout.server",
+        description="Embedded engine server speaking SGLang's HTTP API (transformers backend).",
+    )
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--tokenizer-path", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float", "float16", "half", "bfloat16"],
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--enable-return-routed-experts", action="store_true")
+    p.add_argument("--max-running-requests", type=int, default=64)
+    p.add_argument("--max-prefill-tokens", type=int, default=8192)
+    p.add_argument("--context-length", type=int, default=None)
+    p.add_argument("--random-seed", type=int, default=0)
+    p.add_argument("--weight-version", default="default")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--torch-num-threads", type=int, default=None, help="(ours) torch CPU threads")
+    return p.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    args, ignored = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="[%(asctime)s] %(name)s %(levelname)s: %(message)s"
+    )
+    if ignored:
+        logger.warning(
+            "ignoring SGLang flags the embedded engine does not use: %s", " ".join(ignored)
+        )
+    if args.torch_num_threads:
+        torch.set_num_threads(args.torch_num_threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    config = EngineConfig(
+        model_path=args.model_path,
+        tokenizer_path=args.tokenizer_path,
+        dtype=args.dtype,
+        device=device,
+        max_running_requests=args.max_running_requests,
+        max_prefill_tokens=args.max_prefill_tokens,
+        context_length=args.context_length,
+        enable_return_routed_experts=args.enable_return_routed_experts,
+        random_seed=args.random_seed,
+        weight_version=args.weight_version,
+        return_original_logprob=os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower()
+        in ("1", "true", "yes"),
+    )
+    engine = Engine(config)
+    server_args = {k: v for k, v in vars(args).items()}
+    server_args["device"] = device
+    server_args["served_model_name"] = args.served_model_name or args.model_path
+    app = build_app(engine, server_args)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+
+
+if __name__ == "__main__":
+    main()
