@@ -31,6 +31,7 @@ Shape suffixes: B sequences, T response tokens, K top-k entries per position.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -241,6 +242,7 @@ def mopd_loss(
     teacher_kl: str = "sampled",
     teacher_topk_logp_BTK: torch.Tensor | None = None,
     student_topk_logp_BTK: torch.Tensor | None = None,
+    domains_B: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """Multi-teacher on-policy distillation loss (eq. 7-9), see the module docstring.
 
@@ -264,6 +266,9 @@ def mopd_loss(
             both sides renormalised, under stop-gradient.
         teacher_topk_logp_BTK: [B, T, K] teacher log-probs of its top-k ids (``topk`` only).
         student_topk_logp_BTK: [B, T, K] student log-probs at those ids (``topk`` only).
+        domains_B: optional domain name per sample; adds per-domain metrics named
+            ``<metric>/<domain>`` for teacher_log_ratio, masked_fraction, is_ratio_abs_dev,
+            orm_adv_mean and num_tokens (each equal to that metric over the domain's samples).
 
     Returns:
         (loss, metrics). Metrics: loss, num_tokens, num_samples (non-empty), masked_fraction
@@ -350,7 +355,36 @@ def mopd_loss(
             orm_adv_mean=_orm_mean(adv_orm_B, valid_BT),
             adv_mean=_masked_mean(adv_BT, valid_BT),
         )
+        if domains_B is not None:
+            metrics |= _per_domain_metrics(
+                domains_B, valid_BT, zeroed_BT, r_BT, teacher_term_BT, adv_orm_B
+            )
     return loss, metrics
+
+
+def _per_domain_metrics(
+    domains_B: Sequence[str],
+    valid_BT: torch.Tensor,
+    zeroed_BT: torch.Tensor,
+    r_BT: torch.Tensor,
+    teacher_term_BT: torch.Tensor,
+    adv_orm: torch.Tensor,
+) -> Metrics:
+    if isinstance(domains_B, str) or len(domains_B) != valid_BT.shape[0]:
+        raise ValueError(
+            f"domains_B must be a sequence of {valid_BT.shape[0]} domain names (one per sample)"
+        )
+    scalars: dict[str, torch.Tensor] = {}
+    for domain in sorted(set(domains_B)):
+        rows_B = torch.tensor([d == domain for d in domains_B], device=valid_BT.device)
+        v_BT = valid_BT & rows_B[:, None]
+        n = v_BT.sum()
+        scalars[f"teacher_log_ratio/{domain}"] = _masked_mean(teacher_term_BT, v_BT)
+        scalars[f"masked_fraction/{domain}"] = (zeroed_BT & v_BT).sum() / n.clamp_min(1)
+        scalars[f"is_ratio_abs_dev/{domain}"] = _masked_mean((r_BT - 1).abs(), v_BT)
+        scalars[f"orm_adv_mean/{domain}"] = _orm_mean(adv_orm, v_BT)
+        scalars[f"num_tokens/{domain}"] = n
+    return _to_floats(**scalars)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,12 +65,12 @@ def sample_staleness(
 def admissible(
     current_version: int,
     token_versions: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    max_staleness: int = 0,
+    mask: torch.Tensor | None,
+    max_staleness: int,
 ) -> torch.Tensor | bool:
-    """Whether each sample may enter a batch: staleness <= max_staleness.
+    """Whether each sample may enter a batch: staleness <= max_staleness (inclusive).
 
-    Returns a python bool for a [T] input and a [B] bool tensor for [B, T].
+    ``mask`` as in ``sample_staleness`` (None: every token was generated). Returns a python bool for a [T] input and a [B] bool tensor for [B, T].
     """
     if isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 0:
         raise ValueError(f"max_staleness={max_staleness!r} must be an int >= 0")

@@ -32,8 +32,8 @@ def test_matches_loop_reference() -> None:
 def test_single_sample_and_inclusive_bound() -> None:
     versions = torch.tensor([5, 6, 7])
     assert int(sample_staleness(8, versions)) == 3
-    assert admissible(8, versions, max_staleness=3) is True
-    assert admissible(8, versions, max_staleness=2) is False
+    assert admissible(8, versions, None, max_staleness=3) is True
+    assert admissible(8, versions, None, max_staleness=2) is False
     assert admissible(7, torch.tensor([7, 7]), None, 0) is True
 
 
@@ -43,7 +43,7 @@ def test_errors() -> None:
     # a future version under the mask is ignored
     assert sample_staleness(4, torch.tensor([[3, 5]]), torch.tensor([[1, 0]])).tolist() == [1]
     with pytest.raises(ValueError, match="max_staleness=-1"):
-        admissible(4, torch.tensor([4]), max_staleness=-1)
+        admissible(4, torch.tensor([4]), None, max_staleness=-1)
     with pytest.raises(ValueError, match="integer"):
         sample_staleness(4, torch.tensor([1.0]))
     with pytest.raises(ValueError, match="mask has shape"):
