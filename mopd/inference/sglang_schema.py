@@ -742,7 +742,7 @@ SERVER_FLAGS = {
     "--lora-eviction-policy": "value",
     "--lora-paths": "action",
     "--lora-strict-loading": "action",
-    "--lora-target-modules": "value",
+    "--lora-target-modules": "list",
     "--lora-use-virtual-experts": "bool",
     "--mamba-backend": "value",
     "--mamba-cache-philox-rounds": "value",

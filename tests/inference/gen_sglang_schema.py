@@ -103,8 +103,11 @@ def _annotation_flag(stmt: ast.AnnAssign) -> tuple[list[str], str] | None:
     cli = kw["cli_name"].value if "cli_name" in kw else "--" + name.replace("_", "-")
     aliases = [e.value for e in kw["aliases"].elts] if "aliases" in kw else []
     inner_src = ast.unparse(inner)
+    nargs = kw["nargs"].value if isinstance(kw.get("nargs"), ast.Constant) else None
     if "action" in kw:
         kind = "action"
+    elif nargs in ("*", "+"):
+        kind = "list"
     elif inner_src in ("bool", "Optional[bool]"):
         kind = "bool"
     elif inner_src.startswith(("List[", "list[", "Optional[List[", "Optional[list[")) and (

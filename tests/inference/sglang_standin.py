@@ -251,3 +251,40 @@ def serve(
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tests.inference.sglang_standin --host H --port P [SGLang flags...]``.
+
+    Takes SGLang's core flags and ignores the others, like the embedded server. Test hooks:
+    ``--model-path crash`` exits at start-up with a message; ``--ignore-sigterm`` makes the
+    process survive SIGTERM (to test the SIGKILL fallback); ``--weight-version V``.
+    """
+    import argparse
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--model-path", default="standin")
+    parser.add_argument("--weight-version", default="0")
+    parser.add_argument("--ignore-sigterm", action="store_true")
+    args, _unknown = parser.parse_known_args(argv)
+    print(f"standin: starting with {sys.argv[1:]}", flush=True)
+    if args.model_path == "crash":
+        print("boom: cannot load checkpoint 'crash'", file=sys.stderr, flush=True)
+        raise SystemExit(3)
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    state = StandinState(weight_version=args.weight_version)
+    server = uvicorn.Server(
+        uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level="warning")
+    )
+    if args.ignore_sigterm:
+        server.capture_signals = contextlib.nullcontext  # keep SIGTERM ignored
+    server.run()
+
+
+if __name__ == "__main__":
+    main()
