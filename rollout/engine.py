@@ -471,6 +471,8 @@ class Engine:
         self._memory_released = False
         self._paused = False
         self.num_generated_tokens = 0
+        # Scheduling counters: tests and /get_server_info read them.
+        self.stats = {"prefill_batches": 0, "decode_steps": 0, "peak_running": 0}
 
     # -- model facts ----------------------------------------------------------------------------
 
@@ -867,6 +869,8 @@ class Engine:
             ids_BQ.to(self.device), pos_BQ.to(self.device), row0, longest, self._wants_routes(batch)
         )
         self._running.extend(batch)
+        self.stats["prefill_batches"] += 1
+        self.stats["peak_running"] = max(self.stats["peak_running"], len(self._running))
 
         # Logits only where needed: each row's last prompt position (to sample) plus the
         # prompt positions whose log-probs were asked for.
@@ -914,6 +918,7 @@ class Engine:
 
     def _decode(self) -> None:
         seqs = self._running
+        self.stats["decode_steps"] += 1
         ids_B1 = torch.tensor([[s.last_token] for s in seqs], device=self.device)
         pos_B1 = torch.tensor([[s.num_cached] for s in seqs], device=self.device)
         kv_len = int(pos_B1.max()) + 1

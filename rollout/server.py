@@ -435,6 +435,7 @@ def build_app(engine: Engine, server_args: dict[str, Any] | None = None) -> Fast
                     "num_running_reqs": engine.num_running,
                     "num_waiting_reqs": engine.num_waiting,
                     "num_generated_tokens": engine.num_generated_tokens,
+                    **engine.stats,
                 }
             ],
             "version": VERSION,
