@@ -60,6 +60,7 @@ import pickle
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
@@ -333,17 +334,18 @@ def decode_named_tensors(
 
 def build_app(engine: Engine, server_args: dict[str, Any] | None = None) -> FastAPI:
     """The FastAPI app serving ``engine`` (started or not: it is started on app startup)."""
-    app = FastAPI(title="mopd embedded engine (SGLang HTTP API)")
-    server_args = dict(server_args or {})
 
-    @app.on_event("startup")
-    async def _startup() -> None:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         logger.info("The server is fired up and ready to roll!")
+        try:
+            yield
+        finally:
+            engine.shutdown()
 
-    @app.on_event("shutdown")
-    async def _shutdown() -> None:
-        engine.shutdown()
+    app = FastAPI(title="mopd embedded engine (SGLang HTTP API)", lifespan=lifespan)
+    server_args = dict(server_args or {})
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -74,7 +74,9 @@ def test_logprobs_and_routes_match_a_teacher_forced_forward(arch, tiny_ckpts, re
         # Prompt log-probs are raw (no temperature); SGLang pads the first with None.
         assert out.input_token_logprobs[0] == (None, prompt[0])
         want_in = [float(raw[i - 1, prompt[i]]) for i in range(1, P)]
-        np.testing.assert_allclose([lp for lp, _ in out.input_token_logprobs[1:]], want_in, atol=1e-4)
+        np.testing.assert_allclose(
+            [lp for lp, _ in out.input_token_logprobs[1:]], want_in, atol=1e-4
+        )
         if moe:
             # Every token the model ran forward on: the prompt and all but the last sample.
             assert out.routed_experts.shape == (P + len(gen) - 1, ref.num_layers, ref.top_k)
@@ -126,7 +128,7 @@ def test_continuous_batching_matches_single_requests(mimo):
             rid=f"cb{i}-{t}",
             return_logprob=True,
         )
-        for i, p in enumerate(PROMPTS + [[33, 34, 35, 36, 37], list(range(3, 30))])
+        for i, p in enumerate([*PROMPTS, [33, 34, 35, 36, 37], list(range(3, 30))])
         for t in (0.0, 0.9)
     ]
     alone = [mimo.generate([r])[0] for r in reqs]
@@ -137,7 +139,9 @@ def test_continuous_batching_matches_single_requests(mimo):
     for a, c in zip(alone, crowd, strict=True):
         assert c.output_ids == a.output_ids
         np.testing.assert_allclose(
-            [x for x, _ in c.output_token_logprobs], [x for x, _ in a.output_token_logprobs], atol=1e-4
+            [x for x, _ in c.output_token_logprobs],
+            [x for x, _ in a.output_token_logprobs],
+            atol=1e-4,
         )
 
 
