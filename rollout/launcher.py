@@ -349,11 +349,17 @@ def launch_server(
 def spec_from_server_args(
     model_path: str, backend: Backend, server_args: Mapping[str, Any], **fields: Any
 ) -> LaunchSpec:
-    """A spec from a config's free-form ``server_args``: keys that are spec fields set them,
-    the rest become ``extra_args`` (checked against SGLang's flags)."""
+    """A spec from a config: ``fields`` from named config options, plus the free-form
+    ``server_args``, whose keys that are spec fields set them and the rest become
+    ``extra_args`` (checked against SGLang's flags). A key given both ways is an error."""
     names = set(LaunchSpec.__dataclass_fields__)
     own = {k: v for k, v in server_args.items() if k in names}
     extra = {k: v for k, v in server_args.items() if k not in names}
+    repeated = sorted(set(own) & set(fields))
+    if repeated:
+        raise ValueError(
+            f"server_args repeat {repeated}, which the config sets already; set them once"
+        )
     return LaunchSpec(model_path=model_path, backend=backend, **fields, **own, extra_args=extra)
 
 
