@@ -1,0 +1,109 @@
+"""RolloutWorker on a local Ray cluster, owning a real embedded engine server (tiny MiMo)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import numpy as np
+import pytest
+import ray
+
+from mopd.config.schema import RolloutConfig
+from mopd.inference.protocol import GenerateRequest, SamplingParams, UpdateWeightsFromDisk
+from rollout.build import build_rollout_backend, routed_experts_shape_of
+from rollout.launcher import LaunchSpec
+
+PROMPT = [5, 6, 7, 8]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    # address="local": a private cluster, never one another process on this machine started.
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
+    yield
+    ray.shutdown()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_rollout_worker_owns_and_forwards_to_its_server(ray_local, tiny_ckpts):
+    from rollout.actor import remote_rollout_worker
+
+    student, teacher = str(tiny_ckpts["mimo"]), str(tiny_ckpts["mimo_teacher"])
+    shape = routed_experts_shape_of(student)
+    spec = LaunchSpec(
+        model_path=student,
+        enable_return_routed_experts=True,
+        weight_version="0",
+        extra_argv=("--torch-num-threads", "1"),
+    )
+    worker = remote_rollout_worker(num_cpus=0).remote(spec, routed_experts_shape=shape)
+    request = GenerateRequest(
+        input_ids=PROMPT,
+        sampling_params=SamplingParams(max_new_tokens=6, temperature=0.0),
+        return_logprob=True,
+        return_routed_experts=True,
+    )
+    before = ray.get(worker.generate.remote(request))
+    assert before.weight_version == "0" and len(before.output_ids) == 6
+    assert before.routed_experts.shape == (len(PROMPT) + 6 - 1, *shape)
+    assert ray.get(worker.health.remote())
+
+    ray.get(worker.update_weights.remote(UpdateWeightsFromDisk(teacher, weight_version="1")))
+    assert ray.get(worker.weight_version.remote()) == "1"
+    after = ray.get(worker.generate.remote(request))
+    assert after.weight_version == "1"
+    # Different weights give different log-probs for the prompt's continuation.
+    assert not np.allclose(before.output_logprobs, after.output_logprobs)
+
+    pid = ray.get(worker.server_pid.remote())
+    assert ray.get(worker.shutdown.remote()) is not None
+    assert _gone(pid)
+    ray.kill(worker)
+
+
+def test_build_rollout_backend_local_processes(tiny_ckpts):
+    cfg = RolloutConfig(num_servers=2, max_running_requests=8)
+    service = build_rollout_backend(
+        cfg,
+        str(tiny_ckpts["mimo"]),
+        use_ray=False,
+        spec_overrides=[
+            {"extra_argv": ("--torch-num-threads", "1"), "random_seed": s} for s in (0, 1)
+        ],
+        startup_timeout_s=120,
+    )
+    greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
+
+    async def go():
+        try:
+            outs = await service.router.generate_many(
+                [
+                    GenerateRequest(input_ids=PROMPT, sampling_params=greedy, return_logprob=True,
+                                    return_routed_experts=True)
+                    for _ in range(4)
+                ]
+            )  # fmt: skip
+            return outs, service.router.loads(), await service.router.weight_versions()
+        finally:
+            await service.aclose()
+
+    outs, loads, versions = asyncio.run(go())
+    assert [load.served for load in loads] == [2, 2]
+    assert versions == ["default", "default"]
+    # Greedy decoding of the same checkpoint: every server gives the same tokens.
+    assert len({tuple(o.output_ids.tolist()) for o in outs}) == 1
+    assert all(not w.alive() for w in service.workers)
