@@ -17,12 +17,12 @@ admin calls go to the servers themselves, as they must reach each one.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
-from mopd.inference.client import ClientConfig, EngineClient, EngineUnavailable, WeightUpdateError
+from mopd.inference.client import ClientConfig, EngineClient, WeightUpdateError
+from mopd.inference.pool import EnginePool, ServerLoad
 from mopd.inference.protocol import (
     GenerateOutput,
     GenerateRequest,
@@ -30,7 +30,9 @@ from mopd.inference.protocol import (
     WeightUpdateResult,
 )
 
-__all__ = ["EngineRouter", "RouterConfig", "ServerLoad"]
+__all__ = ["EngineRouter", "RouterConfig", "ServerLoad", "request_cost"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -47,17 +49,6 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if self.balance not in ("tokens", "requests"):
             raise ValueError(f"balance must be 'tokens' or 'requests', got {self.balance!r}")
-
-
-@dataclass
-class ServerLoad:
-    """Live load of one server, as the router accounts it."""
-
-    url: str
-    requests: int = 0
-    tokens: int = 0
-    served: int = 0
-    down_until: float = 0.0
 
 
 def request_cost(request: GenerateRequest) -> int:
@@ -83,13 +74,15 @@ class EngineRouter:
         client_config: ClientConfig | None = None,
         routed_experts_shape: tuple[int, int] | None = None,
     ):
-        if not urls:
-            raise ValueError("EngineRouter needs at least one server URL")
-        if len(set(urls)) != len(urls):
-            raise ValueError(f"duplicate server URLs: {list(urls)}")
         self.config = config or RouterConfig()
-        self._clients = [EngineClient(u, client_config, routed_experts_shape) for u in urls]
-        self._loads = [ServerLoad(c.base_url) for c in self._clients]
+        self._pool = EnginePool(
+            urls,
+            client_config,
+            routed_experts_shape,
+            balance=self.config.balance,
+            unhealthy_cooldown_s=self.config.unhealthy_cooldown_s,
+            name="rollout",
+        )
         self._front = (
             EngineClient(self.config.front_url, client_config, routed_experts_shape)
             if self.config.front_url
@@ -98,52 +91,18 @@ class EngineRouter:
 
     @property
     def urls(self) -> list[str]:
-        return [c.base_url for c in self._clients]
+        return [c.base_url for c in self._pool.clients]
 
     def loads(self) -> list[ServerLoad]:
         """A snapshot of every server's outstanding requests and tokens (for metrics)."""
-        return [ServerLoad(**vars(load)) for load in self._loads]
-
-    def _pick(self, exclude: set[int]) -> int | None:
-        now = time.monotonic()
-        candidates = [
-            i for i, load in enumerate(self._loads) if i not in exclude and load.down_until <= now
-        ]
-        if not candidates:
-            return None
-        if self.config.balance == "tokens":
-            return min(candidates, key=lambda i: (self._loads[i].tokens, self._loads[i].requests))
-        return min(candidates, key=lambda i: (self._loads[i].requests, self._loads[i].tokens))
+        return self._pool.loads()
 
     async def generate(self, request: GenerateRequest) -> GenerateOutput:
-        """Generate on the least-loaded reachable server."""
+        """Generate on the least-loaded reachable server (or through the front balancer)."""
         request = request if request.rid else request.with_rid()
         if self._front is not None:
             return await self._front.generate(request)
-        cost = request_cost(request)
-        tried: set[int] = set()
-        errors: list[str] = []
-        while (i := self._pick(tried)) is not None:
-            tried.add(i)
-            load = self._loads[i]
-            load.requests += 1
-            load.tokens += cost
-            try:
-                output = await self._clients[i].generate(request)
-            except EngineUnavailable as exc:
-                load.down_until = time.monotonic() + self.config.unhealthy_cooldown_s
-                errors.append(str(exc))
-                continue
-            finally:
-                load.requests -= 1
-                load.tokens -= cost
-            load.served += 1
-            return output
-        raise EngineUnavailable(
-            "rollout",
-            "/generate",
-            f"no server could take rid={request.rid}: {errors or 'all down'}",
-        )
+        return await self._pool.run(request_cost(request), lambda c: c.generate(request))
 
     async def generate_many(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
         """Generate for several requests concurrently; outputs in request order."""
@@ -151,14 +110,11 @@ class EngineRouter:
 
     async def update_weights(self, request: WeightUpdateRequest) -> WeightUpdateResult:
         """Apply one weight sync on every server at once; raises naming those that failed."""
-        results = await asyncio.gather(
-            *(c.update_weights(request) for c in self._clients), return_exceptions=True
-        )
+        results = await self._pool.broadcast(lambda c: c.update_weights(request))
         failed = [
-            f"{c.base_url}: {r}"
-            for c, r in zip(self._clients, results, strict=True)
+            f"{url}: {r}" for url, r in zip(self.urls, results, strict=True)
             if isinstance(r, BaseException)
-        ]
+        ]  # fmt: skip
         if failed:
             raise WeightUpdateError("rollout", request.route, "; ".join(failed))
         return WeightUpdateResult(
@@ -168,20 +124,29 @@ class EngineRouter:
         )
 
     async def weight_versions(self) -> list[str | None]:
-        return list(await asyncio.gather(*(c.weight_version() for c in self._clients)))
+        return await self._all(lambda c: c.weight_version())
 
     async def health(self) -> bool:
-        return all(await asyncio.gather(*(c.health() for c in self._clients)))
+        return all(await asyncio.gather(*(c.health() for c in self._pool.clients)))
 
     async def flush_cache(self) -> list[bool]:
-        return list(await asyncio.gather(*(c.flush_cache() for c in self._clients)))
+        return await self._all(lambda c: c.flush_cache())
 
     async def abort_all(self) -> None:
-        await asyncio.gather(*(c.abort(abort_all=True) for c in self._clients))
+        await self._all(lambda c: c.abort(abort_all=True))
+
+    async def _all(self, call: Callable[[EngineClient], Awaitable[T]]) -> list[T]:
+        """``call`` on every server; the first failure is raised (it names its server)."""
+        results = await self._pool.broadcast(call)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results  # type: ignore[return-value]
 
     async def aclose(self) -> None:
-        clients = [*self._clients, *([self._front] if self._front else [])]
-        await asyncio.gather(*(c.aclose() for c in clients))
+        await self._pool.aclose()
+        if self._front is not None:
+            await self._front.aclose()
 
     async def __aenter__(self) -> EngineRouter:
         return self

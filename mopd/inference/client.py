@@ -294,6 +294,11 @@ class EngineClient:
         except asyncio.CancelledError:
             self._abort_in_background(request.rid)
             raise
+        except EngineUnavailable as exc:
+            # Given up on (e.g. read timeout): the server may still be decoding it.
+            if exc.__cause__ is not None and not _never_reached_server(exc.__cause__):
+                self._abort_in_background(request.rid)
+            raise
         if isinstance(payload, list) and len(payload) == 1:
             payload = payload[0]
         return parse_generate_output(payload, request, self.routed_experts_shape)

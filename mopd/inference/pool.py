@@ -1,0 +1,122 @@
+"""Several servers of one model, used as one: least-loaded choice and failover.
+
+Rollout routing and teacher scoring both spread requests over a model's servers. Each call goes
+to the reachable server with the least outstanding work, counted in tokens (prompt plus
+generation budget: an upper bound on the KV and decode work still ahead) or in requests. A
+server that cannot be reached (``EngineUnavailable``) is set aside for a cool-down and the call
+moves to the next one; when none is left the last errors are raised together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+from mopd.inference.client import ClientConfig, EngineClient, EngineUnavailable
+
+__all__ = ["EnginePool", "ServerLoad"]
+
+T = TypeVar("T")
+
+
+@dataclass
+class ServerLoad:
+    """Live load of one server, as the pool accounts it."""
+
+    url: str
+    requests: int = 0
+    tokens: int = 0
+    served: int = 0
+    failures: int = 0
+    down_until: float = 0.0
+
+
+class EnginePool:
+    """Clients of one model's servers with least-outstanding-load choice.
+
+    Args:
+        urls: the servers.
+        client_config: transport settings of every client.
+        routed_experts_shape: (num_hidden_layers, num_experts_per_tok) of the model.
+        balance: count outstanding work in "tokens" or "requests".
+        unhealthy_cooldown_s: how long an unreachable server is skipped.
+        name: how errors name the pool (e.g. "teacher 'math'").
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        client_config: ClientConfig | None = None,
+        routed_experts_shape: tuple[int, int] | None = None,
+        balance: Literal["tokens", "requests"] = "tokens",
+        unhealthy_cooldown_s: float = 5.0,
+        name: str = "engine pool",
+    ):
+        if not urls:
+            raise ValueError(f"{name} needs at least one server URL")
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"{name}: duplicate server URLs {list(urls)}")
+        if balance not in ("tokens", "requests"):
+            raise ValueError(f"balance must be 'tokens' or 'requests', got {balance!r}")
+        self.name = name
+        self.balance = balance
+        self.unhealthy_cooldown_s = unhealthy_cooldown_s
+        self.clients = [
+            EngineClient(u, client_config, routed_experts_shape, name=f"{name} @ {u}") for u in urls
+        ]
+        self._loads = [ServerLoad(c.base_url) for c in self.clients]
+
+    def loads(self) -> list[ServerLoad]:
+        """A snapshot of every server's outstanding requests and tokens (for metrics)."""
+        return [ServerLoad(**vars(load)) for load in self._loads]
+
+    def _pick(self, exclude: set[int]) -> int | None:
+        now = time.monotonic()
+        candidates = [
+            i for i, load in enumerate(self._loads) if i not in exclude and load.down_until <= now
+        ]
+        if not candidates:
+            return None
+        if self.balance == "tokens":
+            return min(candidates, key=lambda i: (self._loads[i].tokens, self._loads[i].requests))
+        return min(candidates, key=lambda i: (self._loads[i].requests, self._loads[i].tokens))
+
+    async def run(self, cost: int, call: Callable[[EngineClient], Awaitable[T]]) -> T:
+        """Run ``call`` on the least-loaded reachable server, failing over to the others.
+
+        Raises:
+            EngineUnavailable: no server could take the call (names the pool and the errors).
+        """
+        tried: set[int] = set()
+        errors: list[str] = []
+        while (i := self._pick(tried)) is not None:
+            tried.add(i)
+            load = self._loads[i]
+            load.requests += 1
+            load.tokens += cost
+            try:
+                result = await call(self.clients[i])
+            except EngineUnavailable as exc:
+                load.failures += 1
+                load.down_until = time.monotonic() + self.unhealthy_cooldown_s
+                errors.append(str(exc))
+                continue
+            finally:
+                load.requests -= 1
+                load.tokens -= cost
+            load.served += 1
+            return result
+        down = "every server is cooling down after failures" if not errors else "; ".join(errors)
+        raise EngineUnavailable(self.name, "", f"no server could take the call: {down}")
+
+    async def broadcast(
+        self, call: Callable[[EngineClient], Awaitable[T]]
+    ) -> list[T | BaseException]:
+        """Run ``call`` on every server at once; results (or exceptions) in server order."""
+        return list(await asyncio.gather(*(call(c) for c in self.clients), return_exceptions=True))
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(c.aclose() for c in self.clients))
