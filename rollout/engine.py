@@ -665,12 +665,59 @@ class Engine:
         def run() -> tuple[bool, str]:
             if abort_all:
                 self._abort_matching("", True)
-            ok, msg = self._copy_weights(named, require_all=False)
+            try:
+                internal = self._to_state_dict_names(named)
+            except ValueError as exc:
+                return False, str(exc)
+            ok, msg = self._copy_weights(internal, require_all=False)
             if ok and weight_version is not None:
                 self.weight_version = str(weight_version)
             return ok, msg
 
         return self.call(run).result()
+
+    def _to_state_dict_names(
+        self, named: list[tuple[str, torch.Tensor]]
+    ) -> list[tuple[str, torch.Tensor]]:
+        """Accept checkpoint (hub) names too, as SGLang does: convert them as loading would.
+
+        transformers renames and fuses some checkpoint tensors at load time (e.g. per-expert
+        MoE weights into one packed tensor). Tensors under checkpoint names are merged into
+        the current weights in checkpoint naming and loaded back through ``from_pretrained``,
+        which applies exactly the conversions a disk load applies.
+        """
+        state = self.model.state_dict()
+        if all(name in state for name, _ in named):
+            return named
+        import tempfile
+
+        from safetensors.torch import save_file
+        from transformers import AutoModelForCausalLM
+        from transformers.modeling_utils import (
+            remove_tied_weights_from_state_dict,
+            revert_weight_conversion,
+        )
+
+        hub = dict(
+            revert_weight_conversion(
+                self.model, remove_tied_weights_from_state_dict(dict(state), self.model)
+            )
+        )
+        unknown = [name for name, _ in named if name not in hub and name not in state]
+        if unknown:
+            raise ValueError(
+                f"unknown parameter names {unknown[:8]}{'...' if len(unknown) > 8 else ''}; "
+                f"expected checkpoint names (e.g. {list(hub)[:3]}) or state_dict names"
+            )
+        merged = {name: t.detach().to("cpu").contiguous() for name, t in hub.items()}
+        merged.update({n: t.detach().to("cpu").contiguous() for n, t in named if n in hub})
+        with tempfile.TemporaryDirectory() as tmp:
+            save_file(merged, f"{tmp}/model.safetensors", metadata={"format": "pt"})
+            self.hf_config.save_pretrained(tmp)
+            fresh = AutoModelForCausalLM.from_pretrained(tmp, dtype=self.dtype)
+        converted = dict(fresh.state_dict())
+        converted.update({n: t for n, t in named if n in state and n not in hub})
+        return list(converted.items())
 
     def _copy_weights(
         self, named: Iterable[tuple[str, torch.Tensor]], require_all: bool

@@ -42,8 +42,8 @@ tensor route takes SGLang's ``serialized_named_tensors`` (base64 of
 ``MultiprocessingSerializer`` = ``ForkingPickler`` bytes of ``[(name, tensor), ...]``, one
 entry per TP rank; we read entry 0), unpickled with an allowlist of torch's tensor-rebuild
 functions only. CPU tensors cross processes only with torch's ``file_system`` sharing
-strategy on the sender (CUDA tensors use CUDA IPC); names are the served model's
-``state_dict`` names.
+strategy on the sender (CUDA tensors use CUDA IPC); names may be checkpoint (hub) names, as
+SGLang expects, or the served model's ``state_dict`` names.
 """
 
 from __future__ import annotations

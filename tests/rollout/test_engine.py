@@ -231,10 +231,21 @@ def test_weight_reload_from_disk_and_tensors(tiny_ckpts):
         assert ok, msg
         back = engine.generate([greedy])[0]
         assert back.weight_version == "step-2" and back.output_ids == base.output_ids
+        # checkpoint (hub) names, as a trainer exports them for SGLang: per-expert MoE weights
+        from transformers.modeling_utils import revert_weight_conversion
+
+        teacher = AutoModelForCausalLM.from_pretrained(
+            tiny_ckpts["mimo_teacher"], dtype=torch.float32
+        )
+        hub = dict(revert_weight_conversion(teacher, dict(teacher.state_dict())))
+        assert any(".experts.0." in n for n in hub) and not set(hub) <= set(original.state_dict())
+        ok, msg = engine.update_weights_from_tensors(hub.items(), "step-3")
+        assert ok, msg
+        assert engine.generate([greedy])[0].output_ids == swapped.output_ids
         ok, msg = engine.update_weights_from_tensors([("no.such.weight", torch.zeros(1))], "x")
-        assert not ok and "no.such.weight" in msg and engine.weight_version == "step-2"
+        assert not ok and "no.such.weight" in msg and engine.weight_version == "step-3"
         ok, msg = engine.update_weights_from_disk(str(tiny_ckpts["qwen3_moe"]), "bad")
-        assert not ok and engine.weight_version == "step-2"
+        assert not ok and engine.weight_version == "step-3"
         assert engine.update_weights_from_disk("/nonexistent/dir")[0] is False
     finally:
         engine.shutdown()
