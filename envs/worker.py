@@ -1,0 +1,171 @@
+"""RewardWorker: scores batches of responses in a process pool, one timeout per call.
+
+Verifiers run untrusted model output through parsers and solvers (SymPy, task scorers) that
+can hang or crash. Each call runs in a pebble ``ProcessPool`` worker with its own timeout:
+pebble kills a worker whose call overruns and starts a fresh one, and reports a worker that
+died. Either way the sample gets reward 0 and a counter goes up (``reward_timeout``,
+``reward_error``); the batch and the run go on. A verifier that raises, or returns something
+that is not a finite number, counts as ``reward_error`` too. The first few failures are
+logged with the source and the reason.
+
+The pool starts on first use with the ``spawn`` method (no fork of a process that holds
+threads, e.g. a Ray worker or torch), and each worker imports the heavy verifier dependencies
+before it takes work, so imports never eat into a call's time budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+import pebble
+
+from envs.base import RewardFn
+from envs.registry import REWARDS, get_reward
+from envs.rewards import warm_up
+from mopd.types import RolloutSample
+
+__all__ = ["RewardWorker"]
+
+log = logging.getLogger(__name__)
+
+_LOGGED_FAILURES = 20  # then only counted, so a broken verifier cannot flood the log
+
+
+def _init_worker() -> None:
+    try:
+        warm_up()
+    except Exception as e:  # an optional dependency missing fails its calls later, loudly
+        log.warning("reward worker warm-up failed: %s", e)
+
+
+def _call(fn: RewardFn, response: str, answer: str | None, metadata: Mapping[str, Any]) -> Any:
+    return fn(response, answer, metadata)
+
+
+class RewardWorker:
+    """Scores rollout samples with their source's reward function, in worker processes.
+
+    Args:
+        source_rewards: source name -> reward name (``{s.name: s.reward for s in sources}``).
+        rewards: reward name -> function (default: ``envs.registry.REWARDS``); the functions
+            must be picklable.
+        timeout_s: time limit of one call, counted from when a worker starts it.
+        num_processes: worker processes.
+    """
+
+    def __init__(
+        self,
+        source_rewards: Mapping[str, str],
+        *,
+        rewards: Mapping[str, RewardFn] | None = None,
+        timeout_s: float = 10.0,
+        num_processes: int = 2,
+    ) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s={timeout_s} must be > 0")
+        if num_processes < 1:
+            raise ValueError(f"num_processes={num_processes} must be >= 1")
+        table = REWARDS if rewards is None else rewards
+        self._fns = {src: get_reward(name, table) for src, name in source_rewards.items()}
+        self._timeout_s = timeout_s
+        self._num_processes = num_processes
+        self._pool: pebble.ProcessPool | None = None
+        self._counts: Counter[str] = Counter()
+
+    def _get_pool(self) -> pebble.ProcessPool:
+        if self._pool is None or not self._pool.active:
+            self._pool = pebble.ProcessPool(
+                max_workers=self._num_processes,
+                initializer=_init_worker,
+                context=multiprocessing.get_context("spawn"),
+            )
+        return self._pool
+
+    def score(self, samples: Sequence[RolloutSample]) -> list[float]:
+        """Rewards of the samples, in order (0.0 for a call that timed out or failed)."""
+        return self.score_texts(
+            [(s.prompt.source, s.text, s.prompt.answer, s.prompt.metadata) for s in samples]
+        )
+
+    def score_texts(
+        self, items: Sequence[tuple[str, str, str | None, Mapping[str, Any]]]
+    ) -> list[float]:
+        """Rewards of (source, response, answer, metadata) tuples, in order."""
+        unknown = sorted({src for src, *_ in items if src not in self._fns})
+        if unknown:
+            raise ValueError(
+                f"no reward configured for source(s) {unknown}; configured: "
+                f"{', '.join(sorted(self._fns))}"
+            )
+        for attempt in range(2):
+            pool = self._get_pool()
+            # Start every call, then gather: the pool runs num_processes of them at a time.
+            futures = [
+                pool.schedule(
+                    _call, args=(self._fns[src], resp, ans, dict(meta)), timeout=self._timeout_s
+                )
+                for src, resp, ans, meta in items
+            ]
+            try:
+                return [self._gather(f, src) for f, (src, *_) in zip(futures, items, strict=True)]
+            except BrokenProcessPool as e:
+                # Workers that cannot even start are a broken environment, not a bad verifier:
+                # rebuild the pool once, then fail loudly rather than hand out zero rewards.
+                self.close()
+                if attempt:
+                    raise RuntimeError(f"reward worker processes cannot start: {e}") from e
+        raise AssertionError("unreachable")
+
+    def _gather(self, future: Any, source: str) -> float:
+        self._counts["reward_calls"] += 1
+        try:
+            value = future.result()
+        except FutureTimeout:
+            return self._fail("reward_timeout", source, f"no result within {self._timeout_s} s")
+        except BrokenProcessPool:
+            raise
+        except pebble.ProcessExpired as e:
+            return self._fail("reward_error", source, f"worker died (exit code {e.exitcode})")
+        except Exception as e:
+            return self._fail("reward_error", source, f"{type(e).__name__}: {e}")
+        try:
+            reward = float(value)
+        except (TypeError, ValueError):
+            return self._fail("reward_error", source, f"returned {value!r:.80}, not a number")
+        if not math.isfinite(reward):
+            return self._fail("reward_error", source, f"returned {reward}")
+        return reward
+
+    def _fail(self, kind: str, source: str, why: str) -> float:
+        self._counts[kind] += 1
+        self._counts[f"{kind}/{source}"] += 1
+        if self._counts["reward_timeout"] + self._counts["reward_error"] <= _LOGGED_FAILURES:
+            log.warning("%s for source %r: %s; reward 0", kind, source, why)
+        return 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """``reward_calls``, ``reward_timeout``, ``reward_error`` and their per-source splits
+        (``reward_timeout/<source>``), counted since the worker was built."""
+        out = {k: 0.0 for k in ("reward_calls", "reward_timeout", "reward_error")}
+        out.update({k: float(v) for k, v in self._counts.items()})
+        return out
+
+    def close(self) -> None:
+        """Stop the worker processes (a later call starts a new pool)."""
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> RewardWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
