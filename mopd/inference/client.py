@@ -208,8 +208,14 @@ class EngineClient:
         timeout_s: float | None = None,
         idempotent: bool,
         expect_json: bool = True,
+        rids: list[str] | None = None,
     ) -> Any:
-        """One call with retries; returns the decoded JSON (or text) of a 2xx answer."""
+        """One call with retries; returns the decoded JSON (or text) of a 2xx answer.
+
+        ``rids`` (generation only) starts as ``[the request's rid]``. SGLang refuses a rid that
+        is still in flight, so a retry after a failure the server may have seen (a timeout)
+        aborts the previous rid and is sent under a new one, appended to ``rids``.
+        """
         cfg = self.config
         timeout = httpx.Timeout(timeout_s or cfg.request_timeout_s, connect=cfg.connect_timeout_s)
         retry_if = _retry_idempotent if idempotent else _never_reached_server
@@ -235,14 +241,23 @@ class EngineClient:
             before_sleep=log_retry,
             reraise=True,
         )
+        last_error: BaseException | None = None
         try:
             async for attempt in retrying:
                 with attempt:
-                    response = await self._http.request(
-                        method, route, json=json, params=params, timeout=timeout
-                    )
-                    if idempotent and response.status_code in _RETRYABLE_STATUS:
-                        raise _RetryableStatus(response)
+                    if rids and last_error is not None and not _never_reached_server(last_error):
+                        self._abort_in_background(rids[-1])
+                        rids.append(f"{rids[0]}-retry{len(rids)}")
+                        json = {**json, "rid": rids[-1]}
+                    try:
+                        response = await self._http.request(
+                            method, route, json=json, params=params, timeout=timeout
+                        )
+                        if idempotent and response.status_code in _RETRYABLE_STATUS:
+                            raise _RetryableStatus(response)
+                    except Exception as exc:
+                        last_error = exc
+                        raise
         except _RetryableStatus as exc:
             raise EngineUnavailable(
                 self.name, route, _error_message(exc.response), exc.response.status_code
@@ -287,17 +302,18 @@ class EngineClient:
         self, request: GenerateRequest, *, idempotent: bool = False
     ) -> GenerateOutput:
         request = request if request.rid else request.with_rid()
+        rids = [request.rid]
         try:
             payload = await self._call(
-                "POST", "/generate", json=request.to_json(), idempotent=idempotent
+                "POST", "/generate", json=request.to_json(), idempotent=idempotent, rids=rids
             )
         except asyncio.CancelledError:
-            self._abort_in_background(request.rid)
+            self._abort_in_background(rids[-1])
             raise
         except EngineUnavailable as exc:
             # Given up on (e.g. read timeout): the server may still be decoding it.
             if exc.__cause__ is not None and not _never_reached_server(exc.__cause__):
-                self._abort_in_background(request.rid)
+                self._abort_in_background(rids[-1])
             raise
         if isinstance(payload, list) and len(payload) == 1:
             payload = payload[0]

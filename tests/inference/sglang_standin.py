@@ -50,9 +50,11 @@ class StandinState:
     weight_version: str = "0"
     fail: dict[str, list[int]] = field(default_factory=dict)  # route -> statuses to answer
     delay_s: float = 0.0  # per generated token
+    prefill_delay_s: float = 0.0  # once per request
     calls: list[tuple[str, Any]] = field(default_factory=list)  # (route, body)
     aborted: set[str] = field(default_factory=set)
     running: set[str] = field(default_factory=set)
+    max_running: int = 0  # most /generate requests in flight at once
 
     def fail_next(self, route: str, times: int, status: int = 503) -> None:
         self.fail.setdefault(route, []).extend([status] * times)
@@ -112,7 +114,11 @@ def build_app(state: StandinState) -> FastAPI:
         output: list[int] = []
         finish: dict[str, Any] = {"type": "length", "length": max_new}
         state.running.add(rid)
+        state.max_running = max(state.max_running, len(state.running))
         try:
+            prefill_end = time.monotonic() + state.prefill_delay_s
+            while time.monotonic() < prefill_end and rid not in state.aborted:
+                await asyncio.sleep(0.005)
             for _ in range(max_new):
                 if rid in state.aborted:
                     finish = {"type": "abort", "message": "Abort in waiting queue"}

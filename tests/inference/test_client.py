@@ -266,3 +266,18 @@ def test_bad_config_and_url():
         EngineClient("localhost:30000")
     with pytest.raises(ValueError, match="max_attempts"):
         ClientConfig(max_attempts=0)
+
+
+def test_timed_out_attempts_are_aborted_and_retried_under_a_new_rid(standin):
+    url, state = standin
+    state.prefill_delay_s = 2.0
+    config = ClientConfig(request_timeout_s=0.2, max_attempts=2, backoff_initial_s=0.01)
+
+    async def go():
+        async with EngineClient(url, config) as client:
+            await client.score([1, 2], [3], rid="s-1")
+
+    with pytest.raises(EngineUnavailable, match="ReadTimeout"):
+        run(go())
+    assert [b["rid"] for b in state.bodies("/generate")] == ["s-1", "s-1-retry1"]
+    assert sorted(b["rid"] for b in state.bodies("/abort_request")) == ["s-1", "s-1-retry1"]

@@ -1,0 +1,172 @@
+"""``TeacherScorer``: one teacher's log-probs of the student's sampled tokens.
+
+Each response is one prefill-only request to the teacher's servers (SGLang's ``/generate`` with
+``max_new_tokens = 0``, ``return_logprob``, ``logprob_start_len = P - 1``; see
+``mopd.inference.protocol``), so the teacher runs one forward pass over prompt + response and
+returns the log-prob of exactly the tokens the student sampled. A batch is sent as concurrent
+requests, at most ``max_concurrency`` in flight, spread over the teacher's servers by least
+outstanding tokens; the server batches them (continuous batching) and shares prompt prefixes
+in its radix cache, so the G responses of one prompt cost one prompt prefill.
+
+Failures: scoring is idempotent, so each request is retried with exponential back-off
+(``max_retries``, each attempt bounded by ``timeout_s``), then moved to another server of the
+teacher. A teacher none of whose servers answers raises ``TeacherUnavailableError`` naming it:
+the run stops rather than train on made-up teacher rewards. When one request of a batch fails
+for good, the others are cancelled (and aborted on the servers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import numpy as np
+
+from mopd.config.schema import TeacherConfig
+from mopd.inference.client import ClientConfig, EngineUnavailable
+from mopd.inference.pool import EnginePool, ServerLoad
+from mopd.types import RolloutSample
+from teachers.base import TeacherScores, TeacherUnavailableError
+
+__all__ = ["TeacherScorer"]
+
+
+class TeacherScorer:
+    """Scores student responses with one teacher served at ``urls``.
+
+    Args:
+        name: the teacher's name (errors and metrics name it).
+        urls: the teacher's servers (SGLang or embedded engine).
+        top_logprobs: K > 0 also returns the teacher's top-K log-probs and ids per position.
+        timeout_s: limit for one scoring request.
+        max_retries: retries per request (exponential back-off) before moving to another
+            server; when no server is left the teacher is declared down.
+        max_concurrency: scoring requests in flight at once, over all servers.
+        backoff_initial_s / backoff_max_s: first and largest back-off delay.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        urls: Sequence[str],
+        *,
+        top_logprobs: int = 0,
+        timeout_s: float = 120.0,
+        max_retries: int = 3,
+        max_concurrency: int = 64,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 10.0,
+    ):
+        if top_logprobs < 0 or max_retries < 0 or max_concurrency < 1:
+            raise ValueError(
+                f"teacher {name!r}: need top_logprobs >= 0, max_retries >= 0, "
+                f"max_concurrency >= 1; got {top_logprobs}, {max_retries}, {max_concurrency}"
+            )
+        self.name = name
+        self.top_logprobs = top_logprobs
+        config = ClientConfig(
+            request_timeout_s=timeout_s,
+            max_attempts=max_retries + 1,
+            retry_deadline_s=(max_retries + 1) * (timeout_s + backoff_max_s),
+            backoff_initial_s=backoff_initial_s,
+            backoff_max_s=backoff_max_s,
+            max_connections=max_concurrency,
+        )
+        self._pool = EnginePool(urls, config, name=f"teacher {name!r}")
+        self._slots = asyncio.Semaphore(max_concurrency)
+
+    @classmethod
+    def from_config(
+        cls, cfg: TeacherConfig, urls: Sequence[str], **kwargs: object
+    ) -> TeacherScorer:
+        """A scorer for the run config's teacher entry (its servers already started)."""
+        return cls(
+            cfg.name,
+            urls,
+            top_logprobs=cfg.top_logprobs,
+            timeout_s=cfg.timeout_s,
+            max_retries=cfg.max_retries,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def loads(self) -> list[ServerLoad]:
+        return self._pool.loads()
+
+    async def score(
+        self, prompt_ids_P: Sequence[int] | np.ndarray, response_ids_T: Sequence[int] | np.ndarray
+    ) -> TeacherScores:
+        """The teacher's log-probs of ``response_ids_T`` after ``prompt_ids_P``.
+
+        Returns:
+            TeacherScores with float32 ``logp_T`` [T] and, when top_logprobs = K > 0,
+            ``topk_logp_TK`` float32 [T, K] and ``topk_ids_TK`` int32 [T, K].
+
+        Raises:
+            TeacherUnavailableError: no server of this teacher answered within its retries.
+        """
+        prompt = np.asarray(prompt_ids_P)
+        response = np.asarray(response_ids_T)
+        num_tokens = int(response.shape[0])
+        if num_tokens == 0:  # nothing to score; do not bother the servers
+            k = self.top_logprobs
+            return TeacherScores(
+                teacher=self.name,
+                logp_T=np.zeros(0, np.float32),
+                topk_logp_TK=np.zeros((0, k), np.float32) if k else None,
+                topk_ids_TK=np.zeros((0, k), np.int32) if k else None,
+            )
+        async with self._slots:
+            try:
+                score = await self._pool.run(
+                    prompt.shape[0] + num_tokens,
+                    lambda client: client.score(prompt, response, self.top_logprobs),
+                )
+            except EngineUnavailable as exc:
+                raise TeacherUnavailableError(
+                    f"teacher {self.name!r} is down: {exc}. Check its servers "
+                    f"({[load.url for load in self.loads()]}); the run stops rather than "
+                    "train without teacher scores."
+                ) from exc
+        if score.logprobs.shape != (num_tokens,):
+            raise TeacherUnavailableError(
+                f"teacher {self.name!r} scored {score.logprobs.shape[0]} tokens of {num_tokens}"
+            )
+        return TeacherScores(
+            teacher=self.name,
+            logp_T=score.logprobs,
+            topk_logp_TK=score.top_logprobs,
+            topk_ids_TK=None if score.top_ids is None else score.top_ids.astype(np.int32),
+            weight_version=score.weight_version,
+        )
+
+    async def score_batch(
+        self,
+        items: Sequence[tuple[Sequence[int] | np.ndarray, Sequence[int] | np.ndarray]],
+    ) -> list[TeacherScores]:
+        """Score (prompt ids, response ids) pairs concurrently; results in input order.
+
+        If one fails for good the others are cancelled and the error is raised.
+        """
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self.score(p, r)) for p, r in items]
+        except BaseExceptionGroup as errors:  # the first failure; the rest were cancelled
+            raise errors.exceptions[0] from None
+        return [t.result() for t in tasks]
+
+    async def score_samples(self, samples: Sequence[RolloutSample]) -> list[TeacherScores]:
+        """Score rollout samples (their prompt and sampled response); results in input order."""
+        return await self.score_batch([(s.prompt.input_ids_P, s.response_ids_T) for s in samples])
+
+    async def health(self) -> bool:
+        """True when every server of this teacher answers ``/health``."""
+        return all(await asyncio.gather(*(c.health() for c in self._pool.clients)))
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+    async def __aenter__(self) -> TeacherScorer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
