@@ -1,0 +1,773 @@
+"""``MegatronTrainer``: the Trainer protocol on a Megatron-core model (TP / EP / DP).
+
+One process per rank (torchrun-style environment; a lone process is a world of one). Each
+rank builds its shard of the Megatron model of ``trainer.megatron.model`` from the HF
+checkpoint in ``ModelConfig.path`` (``trainer.megatron.convert``), wraps it in Megatron's
+``DistributedDataParallel`` and builds Megatron's optimizer (``get_megatron_optimizer``:
+AdamW, fp32 master weights, separate dense and expert parameter groups).
+
+Step anatomy (same contract and metrics as ``trainer.torch_backend.TorchTrainer``)::
+
+    forward_backward(mbs)   per micro-batch: packed THD forward (positions restart per
+                            sequence) -> log-probs at loss positions -> the registry loss
+                            (mopd.algo, no math here) -> weighted backward into DDP buffers
+    optim_step()            DDP grad sync (finalize_model_grads), grad norm, clip, AdamW step,
+                            LR from ``trainer.optim.lr_at``; version += 1
+
+Weighting. Each micro-batch's loss is the aggregation over that micro-batch; it is weighted by
+(its count / the step's count over all micro-batches of all data-parallel ranks), count = non-
+empty sequences (eq. 7) or loss tokens (token_mean), times the data-parallel size because
+Megatron's DDP averages gradients over data-parallel ranks. Tensor-parallel ranks of one
+data-parallel rank see the same micro-batches.
+
+R3 goes through Megatron-core's own ``RouterReplay`` (``moe_enable_routing_replay``): per MoE
+layer, the micro-batch's replayed ids are set as targets; the forward runs in
+``REPLAY_FORWARD`` (Megatron gathers its own router scores at those ids, so gate weights are
+recomputed and the router keeps its gradient), the backward in ``REPLAY_BACKWARD`` (activation
+recompute pops the same ids). Megatron's own top-k is recorded before it is replaced
+(``AgreementRouterReplay``): ``route_agreement`` is measured with R3 on and off (off:
+``RECORD`` mode), ``train_rollout_k3`` every step.
+
+Learning rate: ``trainer.optim.lr_at`` (the torch backend's schedule) sets the param groups'
+``lr`` (times Megatron's ``lr_mult``) before every step; weight decay on matrices only (Megatron's
+standard ``wd_mult = 0`` for 1-D parameters, the torch backend's rule too).
+
+Checkpoint (``save``/``load``, one committed directory, trainer.checkpoint protocol)::
+
+    model_rank<R>.pt       this rank's Megatron state dict (its TP slice and experts)
+    optimizer_rank<R>.pt   this rank's Megatron optimizer state (AdamW moments, fp32 masters)
+    rng_rank<R>.pt         torch / CUDA / numpy / python RNG states
+    trainer_state.json     step, version, world layout, source model
+    COMMITTED              written last
+
+A checkpoint reloads on the same layout (world size, TP, EP); ``export_weights`` writes the
+layout-free HF checkpoint.
+
+Precision: fp32 on CPU (the only dtype there); bf16 on GPU (Float16Module + fp32 masters).
+CPU machines run through ``trainer.megatron.cpu_compat`` (gloo); GPU machines unpatched.
+
+Shape suffixes: N tokens of a packed micro-batch, B sequences, T positions of the longest
+sequence, V vocabulary, M loss positions, L MoE layers, k experts per token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mopd.algo import entropy_from_logits, kl_k1, selective_log_softmax, train_rollout_mismatch
+from mopd.algo.registry import LOSSES, lookup
+from mopd.config.schema import AlgorithmConfig, ModelConfig, TrainerConfig
+from mopd.types import MicroBatch
+from trainer import checkpoint as ckpt
+from trainer.export import write_hf_checkpoint
+from trainer.megatron import convert, parallel
+from trainer.megatron import model as mmodel
+from trainer.optim import lr_at
+from trainer.torch_backend import loss_count, loss_kwargs, resolve_dtype
+
+__all__ = ["MegatronTrainer"]
+
+log = logging.getLogger(__name__)
+
+# Loss metrics that add up across micro-batches; orm_adv_mean is a mean over samples.
+_SUMS = frozenset({"num_tokens", "num_samples"})
+_SAMPLE_MEANS = frozenset({"orm_adv_mean"})
+# Tensors HF keeps in fp32 whatever the model dtype (MiMo's router), per architecture.
+_KEEP_FP32 = {"mimo_v2_flash": ("mlp.gate.weight", "e_score_correction_bias")}
+
+
+@dataclass
+class _Batch:
+    """One micro-batch on the device, laid out for the forward and the loss."""
+
+    tokens_N: torch.Tensor  # padded to a multiple of TP (sequence parallelism)
+    cu_B1: torch.Tensor  # boundaries incl. a padding sequence, if any
+    num_tokens: int  # real tokens (before padding)
+    rows_M: torch.Tensor
+    seq_M: torch.Tensor
+    pos_M: torch.Tensor
+    mask_BT: torch.Tensor
+    logp_rollout_BT: torch.Tensor
+    logp_teacher_BT: torch.Tensor | None
+    adv_B: torch.Tensor
+    routes_NLk: torch.Tensor | None  # MoE layers only, padded like tokens_N
+    agree_N: torch.Tensor  # rows whose route is a recorded choice (padded like tokens_N)
+    starts_B: torch.Tensor
+    domains: tuple[str, ...]
+
+
+class _Metrics:
+    """Sums and weighted means over micro-batches, merged over data-parallel ranks."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.means: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+
+    def add_sum(self, key: str, value: float) -> None:
+        self.sums[key] += float(value)
+
+    def add_mean(self, key: str, value: float, weight: float) -> None:
+        acc = self.means[key]
+        acc[0] += float(value) * weight
+        acc[1] += float(weight)
+
+    def merge(self, sums: dict[str, float], means: dict[str, list[float]]) -> None:
+        for k, v in sums.items():
+            if k == "staleness_max":
+                self.sums[k] = max(self.sums.get(k, v), v)
+            else:
+                self.sums[k] += v
+        for k, (s, w) in means.items():
+            self.means[k][0] += s
+            self.means[k][1] += w
+
+    def result(self) -> dict[str, float]:
+        out = dict(self.sums)
+        for k, (s, w) in self.means.items():
+            if w > 0:
+                out[k] = s / w
+        return out
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np_state,
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class MegatronTrainer:
+    """The ``Trainer`` protocol on Megatron-core (see the module docstring).
+
+    Args:
+        trainer_cfg: optimisation, parallel sizes, micro-batching, routing replay.
+        model_cfg: the student checkpoint (a local HF folder) and its serving dtype.
+        algorithm_cfg: the loss and its knobs.
+        seed: seeds every RNG; identical on all ranks so data-parallel replicas start alike.
+        recompute: full activation recompute of every decoder layer (R3 replays the same ids).
+        export_max_shard_size: largest safetensors shard written by ``export_weights``.
+    """
+
+    def __init__(
+        self,
+        trainer_cfg: TrainerConfig,
+        model_cfg: ModelConfig,
+        algorithm_cfg: AlgorithmConfig,
+        *,
+        seed: int = 0,
+        recompute: bool = False,
+        export_max_shard_size: int | str = "5GB",
+    ) -> None:
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.transformer.module import Float16Module
+
+        self.trainer_cfg = trainer_cfg
+        self.model_cfg = model_cfg
+        self.algorithm_cfg = algorithm_cfg
+        self._loss_fn = lookup("algorithm.loss", LOSSES, algorithm_cfg.loss)
+        self._loss_kwargs = loss_kwargs(algorithm_cfg)
+        self.export_max_shard_size = export_max_shard_size
+
+        path = Path(model_cfg.path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model.path={model_cfg.path!r} has no config.json; the Megatron trainer loads a "
+                "local Hugging Face checkpoint folder"
+            )
+        self.hf_config: dict[str, Any] = json.loads((path / "config.json").read_text())
+        self.layout = mmodel.layout_from_hf(self.hf_config)
+        self._check_sizes(trainer_cfg)
+
+        random.seed(seed)
+        np.random.seed(seed)
+        self.par = parallel.init_parallel(trainer_cfg, seed=seed)
+        self.device = self.par.device
+        self.compute_dtype = resolve_dtype(trainer_cfg.dtype, self.device)
+        if self.device.type == "cpu" and self.compute_dtype != torch.float32:
+            raise ValueError(
+                f"trainer.dtype={trainer_cfg.dtype!r}: the Megatron backend runs fp32 on CPU; "
+                "set trainer.dtype to float32 or auto"
+            )
+        if self.compute_dtype == torch.float16:
+            raise ValueError("trainer.dtype=float16 needs loss scaling; use bfloat16 or float32")
+        self.export_dtype = resolve_dtype(model_cfg.dtype, self.device, field="model.dtype")
+        self._tp_group = ps.get_tensor_model_parallel_group()
+        self._dp_group = ps.get_data_parallel_group()
+        self._ep_group = ps.get_expert_model_parallel_group()
+
+        self.tconfig = mmodel.transformer_config(
+            self.layout,
+            params_dtype=self.compute_dtype,
+            tensor_parallel=trainer_cfg.tensor_parallel,
+            expert_parallel=trainer_cfg.expert_parallel,
+            routing_replay=True,  # RouterReplay also records own routes when R3 is off
+            recompute=recompute,
+        )
+        gpt = mmodel.build_gpt_model(self.layout, self.tconfig)
+        convert.load_hf(
+            gpt,
+            convert.read_hf_checkpoint(path),
+            self.layout,
+            tp_rank=self.par.tp_rank,
+            tp=self.par.tp,
+            ep_rank=self.par.ep_rank,
+            ep=self.par.ep,
+        )
+        self.gpt = gpt
+        self._replays = mmodel.replay_routers(gpt)
+        if len(self._replays) != len(self.layout.moe_layer_ids):
+            raise RuntimeError(
+                f"found {len(self._replays)} router replays for "
+                f"{len(self.layout.moe_layer_ids)} MoE layers"
+            )
+        module: torch.nn.Module = gpt
+        if self.compute_dtype != torch.float32:
+            module = Float16Module(self.tconfig, gpt)
+        use_dist_opt = False
+        self.model = DistributedDataParallel(
+            config=self.tconfig,
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=False,
+                use_distributed_optimizer=use_dist_opt,
+            ),
+            module=module,
+        )
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=trainer_cfg.lr,
+                min_lr=trainer_cfg.min_lr,
+                weight_decay=trainer_cfg.weight_decay,
+                adam_beta1=trainer_cfg.adam_beta1,
+                adam_beta2=trainer_cfg.adam_beta2,
+                adam_eps=trainer_cfg.adam_eps,
+                clip_grad=trainer_cfg.grad_clip,
+                bf16=self.compute_dtype == torch.bfloat16,
+                params_dtype=self.compute_dtype,
+                use_distributed_optimizer=use_dist_opt,
+            ),
+            [self.model],
+            # parallel.init_parallel creates gloo twins of the groups on GPU machines only.
+            use_gloo_process_groups=self.device.type == "cuda",
+        )
+        self._version = 0
+        self._set_lr()
+        self._warned_no_routes = False
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _check_sizes(self, cfg: TrainerConfig) -> None:
+        lay = self.layout
+        if lay.num_experts % cfg.expert_parallel:
+            raise ValueError(
+                f"trainer.expert_parallel={cfg.expert_parallel} must divide the model's "
+                f"{lay.num_experts} experts"
+            )
+        if lay.num_heads % cfg.tensor_parallel:
+            raise ValueError(
+                f"trainer.tensor_parallel={cfg.tensor_parallel} must divide the model's "
+                f"{lay.num_heads} attention heads"
+            )
+
+    def _sub_optimizers(self) -> list[Any]:
+        return list(getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
+
+    def _set_lr(self) -> None:
+        lr = lr_at(self._version, self.trainer_cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.trainer_cfg.weight_decay * group.get("wd_mult", 1.0)
+
+    @property
+    def version(self) -> int:
+        """Optimizer steps applied (0 = the loaded weights)."""
+        return self._version
+
+    # ------------------------------------------------------------------ batches
+
+    def _to_batch(self, mb: MicroBatch) -> _Batch:
+        if not isinstance(mb, MicroBatch):
+            raise ValueError(
+                f"forward_backward expects MicroBatch records, got {type(mb).__name__}"
+            )
+        V = self.layout.vocab_size
+        cu = mb.cu_seqlens_B1.astype(np.int64)
+        B, N = mb.num_sequences, mb.num_tokens
+        lengths = np.diff(cu)
+        if mb.loss_mask_N[cu[:-1]].any():
+            raise ValueError(
+                "a sequence's first token carries loss, but it has no preceding context to be "
+                "predicted from; the first token of every sequence must be a prompt token"
+            )
+        if N and (int(mb.tokens_N.min()) < 0 or int(mb.tokens_N.max()) >= V):
+            raise ValueError(
+                f"token ids span [{mb.tokens_N.min()}, {mb.tokens_N.max()}] but the model has "
+                f"vocab_size={V}; were the samples tokenized for another model?"
+            )
+        seq_N = np.repeat(np.arange(B), lengths)
+        pos_N = np.arange(N) - cu[seq_N]
+        T = int(lengths.max())
+        rows = np.flatnonzero(mb.loss_mask_N)
+        dev = self.device
+
+        def padded(x_N: np.ndarray) -> torch.Tensor:
+            out = np.zeros((B, T), dtype=np.float32)
+            out[seq_N[rows], pos_N[rows]] = x_N[rows]
+            return torch.from_numpy(out).to(dev)
+
+        mask_BT = np.zeros((B, T), dtype=bool)
+        mask_BT[seq_N[rows], pos_N[rows]] = True
+        # Sequence parallelism splits the token row over TP ranks: pad it with one extra
+        # sequence (never scored, never routed from a recording) to a multiple of TP.
+        pad = (-N) % self.par.tp
+        tokens = np.concatenate([mb.tokens_N.astype(np.int64), np.zeros(pad, np.int64)])
+        cu_run = np.concatenate([cu, [N + pad]]) if pad else cu
+        agree_N = np.zeros(N + pad, dtype=bool)
+        agree_N[:N] = True
+        agree_N[cu[1:] - 1] = False  # the last token's route row is a copy, not a choice
+        routes = None
+        if mb.routes_NLk is not None:
+            r = self._moe_routes(mb.routes_NLk)
+            if pad:
+                r = np.concatenate([r, np.zeros((pad, *r.shape[1:]), r.dtype)])
+            routes = torch.from_numpy(r.astype(np.int64)).to(dev)
+        return _Batch(
+            tokens_N=torch.from_numpy(tokens).to(dev),
+            cu_B1=torch.from_numpy(cu_run.astype(np.int32)).to(dev),
+            num_tokens=N,
+            rows_M=torch.from_numpy(rows).to(dev),
+            seq_M=torch.from_numpy(seq_N[rows]).to(dev),
+            pos_M=torch.from_numpy(pos_N[rows]).to(dev),
+            mask_BT=torch.from_numpy(mask_BT).to(dev),
+            logp_rollout_BT=padded(mb.logp_rollout_N),
+            logp_teacher_BT=None if mb.logp_teacher_N is None else padded(mb.logp_teacher_N),
+            adv_B=torch.from_numpy(mb.adv_orm_B).to(dev),
+            routes_NLk=routes,
+            agree_N=torch.from_numpy(agree_N).to(dev),
+            starts_B=torch.from_numpy(cu[:-1]).to(dev),
+            domains=mb.domains,
+        )
+
+    def _moe_routes(self, routes_NLk: np.ndarray) -> np.ndarray:
+        """Routes of the MoE layers: [N, L_moe, k] as given, or the MoE rows of a route array
+        with one row per decoder layer (SGLang's raw layout)."""
+        lay = self.layout
+        L = routes_NLk.shape[1]
+        if routes_NLk.shape[2] != lay.topk:
+            raise ValueError(
+                f"routes_NLk has k={routes_NLk.shape[2]} experts per token; the model routes "
+                f"to {lay.topk}"
+            )
+        if len(lay.moe_layer_ids) == L:
+            out = routes_NLk
+        elif lay.num_layers == L:
+            out = routes_NLk[:, list(lay.moe_layer_ids)]
+        else:
+            raise ValueError(
+                f"routes_NLk covers {L} layers; the model has {len(lay.moe_layer_ids)} MoE "
+                f"layers of {lay.num_layers}"
+            )
+        if out.size and int(out.max()) >= lay.num_experts:
+            raise ValueError(
+                f"routes_NLk holds expert id {int(out.max())} but the model has "
+                f"{lay.num_experts} experts; were the routes recorded for another model?"
+            )
+        return out
+
+    # ------------------------------------------------------------------ R3
+
+    def _bind_routes(self, b: _Batch) -> None:
+        """Set every MoE layer's RouterReplay for this micro-batch's forward."""
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        for r in self._replays:
+            r.clear_indices()
+        if b.routes_NLk is None:
+            if self.trainer_cfg.routing_replay and not self._warned_no_routes:
+                log.warning(
+                    "routing_replay is on but micro-batches carry no routes: the trainer uses "
+                    "its own routing (enable rollout.return_routed_experts)"
+                )
+                self._warned_no_routes = True
+            for r in self._replays:
+                r.clear_router_replay_action()
+            return
+        routes = self._local_rows(b.routes_NLk)
+        if self.trainer_cfg.routing_replay:
+            for j, r in enumerate(self._replays):
+                r.set_target_indices(routes[:, j].contiguous())
+                r.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+        else:
+            for r in self._replays:
+                r.set_router_replay_action(RouterReplayAction.RECORD)
+
+    def _local_rows(self, x_N: torch.Tensor) -> torch.Tensor:
+        """The token rows this TP rank routes (sequence parallelism splits the row)."""
+        if self.par.tp == 1:
+            return x_N
+        n = x_N.shape[0] // self.par.tp
+        return x_N[self.par.tp_rank * n : (self.par.tp_rank + 1) * n]
+
+    def _agreement(self, b: _Batch) -> tuple[float, float]:
+        """(hits, entries) of the router's own top-k vs the replayed ids, this rank's rows."""
+        if b.routes_NLk is None:
+            return 0.0, 0.0
+        routes = self._local_rows(b.routes_NLk)
+        keep = self._local_rows(b.agree_N)
+        hits, total = 0.0, 0.0
+        for j, r in enumerate(self._replays):
+            own = r.own_topk_idx
+            if own is None:
+                continue
+            hit_Nk = (own[:, :, None] == routes[:, j, None, :]).any(-1)[keep]
+            hits += float(hit_Nk.sum())
+            total += float(hit_Nk.numel())
+        return hits, total
+
+    def _replay_backward(self) -> None:
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        for r in self._replays:
+            if r.router_replay_action == RouterReplayAction.REPLAY_FORWARD:
+                r.set_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+
+    def _unbind_routes(self) -> None:
+        for r in self._replays:
+            r.clear_indices()
+            r.clear_router_replay_action()
+
+    # ------------------------------------------------------------------ forward
+
+    def _logits(self, b: _Batch) -> torch.Tensor:
+        """[N, V] logits of the real tokens (vocabulary and TP padding cut off)."""
+        logits = mmodel.packed_forward(self.model, b.tokens_N, b.cu_B1)
+        return logits[: b.num_tokens, : self.layout.vocab_size].float()
+
+    @torch.no_grad()
+    def compute_logprobs(self, micro_batches: Sequence[MicroBatch]) -> list[np.ndarray]:
+        """Per-token log-probs of each micro-batch under the current weights (with R3).
+
+        float32 [N] per micro-batch: entry i is log p(tokens_N[i] | its sequence before i);
+        0 at the first token of every sequence.
+        """
+        out = []
+        for mb in micro_batches:
+            b = self._to_batch(mb)
+            self._bind_routes(b)
+            try:
+                logits_NV = self._logits(b)
+            finally:
+                self._unbind_routes()
+            tokens = b.tokens_N[: b.num_tokens]
+            logp_N = torch.zeros(b.num_tokens, dtype=torch.float32, device=self.device)
+            if b.num_tokens > 1:
+                logp_N[1:] = selective_log_softmax(logits_NV[:-1], tokens[1:])
+            logp_N[b.starts_B] = 0.0
+            out.append(logp_N.cpu().numpy())
+        return out
+
+    def _call_loss(self, logp_BT: torch.Tensor, b: _Batch) -> tuple[torch.Tensor, dict]:
+        loss = self.algorithm_cfg.loss
+        if loss == "sft":
+            return self._loss_fn(logp_BT, b.mask_BT, **self._loss_kwargs)
+        if loss == "rl":
+            return self._loss_fn(
+                logp_BT, b.logp_rollout_BT, b.adv_B, b.mask_BT, **self._loss_kwargs
+            )
+        if b.logp_teacher_BT is None:
+            raise ValueError(
+                "algorithm.loss=mopd needs teacher log-probs, but a micro-batch has none; "
+                "score every sample with its domain teacher before training"
+            )
+        return self._loss_fn(
+            logp_BT, b.logp_rollout_BT, b.logp_teacher_BT, b.adv_B, b.mask_BT, **self._loss_kwargs
+        )
+
+    def _dp_sum(self, values: list[float]) -> list[float]:
+        if self.par.dp == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=self._dp_group)
+        return t.tolist()
+
+    def forward_backward(self, micro_batches: Sequence[MicroBatch]) -> dict[str, float]:
+        """Accumulate the gradients of one step's micro-batches; return the step's metrics.
+
+        Same metrics as the torch backend: ``loss``, the loss's own metrics, ``entropy``,
+        ``train_rollout_k3``, ``route_agreement``, per-domain ``teacher_log_ratio/<d>`` and
+        ``orm_adv/<d>``, ``tokens``, ``staleness_max``, ``version``. Gradients of repeated
+        calls add up until ``optim_step``.
+        """
+        micro_batches = list(micro_batches)
+        if not micro_batches:
+            raise ValueError("forward_backward needs at least one micro-batch")
+        aggregation = self.algorithm_cfg.aggregation
+        local = sum(loss_count(mb, aggregation) for mb in micro_batches)
+        (denom,) = self._dp_sum([float(local)])
+        denom = max(denom, 1.0)
+        m = _Metrics()
+        agree = [0.0, 0.0]
+        for mb in micro_batches:
+            b = self._to_batch(mb)
+            self._bind_routes(b)
+            try:
+                logits_NV = self._logits(b)
+                hits, total = self._agreement(b)
+                agree[0] += hits
+                agree[1] += total
+                tokens = b.tokens_N
+                logits_MV = logits_NV[b.rows_M - 1]
+                logp_M = selective_log_softmax(logits_MV, tokens[b.rows_M])
+                logp_BT = torch.zeros_like(b.logp_rollout_BT).index_put((b.seq_M, b.pos_M), logp_M)
+                loss, lm = self._call_loss(logp_BT, b)
+                weight = loss_count(mb, aggregation) / denom
+                self._replay_backward()
+                (loss * (weight * self.par.dp)).backward()
+            finally:
+                self._unbind_routes()
+            ntok = float(lm.get("num_tokens", 0.0))
+            m.add_sum("loss", lm["loss"] * weight)
+            m.add_sum("tokens", b.num_tokens)
+            for key, value in lm.items():
+                if key == "loss":
+                    continue
+                if key in _SUMS:
+                    m.add_sum(key, value)
+                else:
+                    m.add_mean(key, value, lm["num_samples"] if key in _SAMPLE_MEANS else ntok)
+            with torch.no_grad():
+                self._token_metrics(m, mb, b, logits_MV, logp_BT, ntok)
+        if self.par.tp > 1:
+            # Sequence parallelism: each TP rank routed its own slice of the tokens.
+            t = torch.tensor(agree, dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, group=self._tp_group)
+            agree = t.tolist()
+        if agree[1]:
+            m.add_mean("route_agreement", agree[0] / agree[1], agree[1])
+        return self._finish_metrics(m)
+
+    def _token_metrics(
+        self,
+        m: _Metrics,
+        mb: MicroBatch,
+        b: _Batch,
+        logits_MV: torch.Tensor,
+        logp_BT: torch.Tensor,
+        ntok: float,
+    ) -> None:
+        if ntok == 0:
+            return
+        logp_BT = logp_BT.detach()
+        m.add_mean("entropy", float(entropy_from_logits(logits_MV.detach()).mean()), ntok)
+        if self.algorithm_cfg.loss != "sft":
+            k3 = train_rollout_mismatch(b.logp_rollout_BT, logp_BT, b.mask_BT)
+            m.add_mean("train_rollout_k3", float(k3), ntok)
+        if mb.versions_N is not None and mb.loss_mask_N.any():
+            oldest = int(mb.versions_N[mb.loss_mask_N].min())
+            if oldest >= 0:
+                m.sums["staleness_max"] = max(m.sums["staleness_max"], self._version - oldest)
+        if not b.domains:
+            return
+        seq_tokens_B = b.mask_BT.sum(dim=1).cpu().numpy()
+        term_B = None
+        if b.logp_teacher_BT is not None:
+            train = self.algorithm_cfg.student_logprob_source == "train"
+            student_BT = logp_BT if train else b.logp_rollout_BT
+            term_BT = torch.where(b.mask_BT, kl_k1(b.logp_teacher_BT, student_BT), 0.0)
+            term_B = term_BT.sum(dim=1).cpu().numpy()
+        for d in sorted(set(b.domains)):
+            sel = np.array([x == d for x in b.domains]) & (seq_tokens_B > 0)
+            if not sel.any():
+                continue
+            n = float(seq_tokens_B[sel].sum())
+            if term_B is not None:
+                m.add_mean(f"teacher_log_ratio/{d}", float(term_B[sel].sum()) / n, n)
+            m.add_mean(f"orm_adv/{d}", float(mb.adv_orm_B[sel].mean()), float(sel.sum()))
+
+    def _finish_metrics(self, m: _Metrics) -> dict[str, float]:
+        if self.par.dp > 1:
+            gathered: list[Any] = [None] * self.par.dp
+            dist.all_gather_object(gathered, (dict(m.sums), dict(m.means)), group=self._dp_group)
+            m = _Metrics()
+            for sums, means in gathered:
+                m.merge(sums, {k: list(v) for k, v in means.items()})
+        out = m.result()
+        out["version"] = float(self._version)
+        return out
+
+    # ------------------------------------------------------------------ optimizer
+
+    def optim_step(self) -> dict[str, float]:
+        """DDP grad sync, grad norm, clip, AdamW step, version += 1.
+
+        A non-finite grad norm skips the update (weights untouched, ``optim_skipped`` = 1) but
+        still advances the version and schedule, as the torch backend does.
+        """
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads([self.model])
+        lr = lr_at(self._version, self.trainer_cfg)
+        self._set_lr()
+        found_inf = self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm())
+        skipped = bool(found_inf) or not np.isfinite(grad_norm)
+        if skipped:
+            log.warning(
+                "non-finite grad norm %s: skipping the update of step %d", grad_norm, self._version
+            )
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.model.zero_grad_buffer()
+        self._version += 1
+        self._set_lr()
+        return {
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "version": float(self._version),
+            "optim_skipped": float(skipped),
+        }
+
+    # ------------------------------------------------------------------ state
+
+    def _barrier(self) -> None:
+        if self.par.world_size > 1:
+            dist.barrier()
+
+    def _shared_token(self) -> str:
+        token = [uuid.uuid4().hex]
+        if self.par.world_size > 1:
+            dist.broadcast_object_list(token, src=0)
+        return token[0]
+
+    def _layout_meta(self) -> dict[str, int]:
+        return {"world_size": self.par.world_size, "tp": self.par.tp, "ep": self.par.ep}
+
+    def save(self, path: str | Path) -> Path:
+        """Write a checkpoint into directory ``path`` atomically (see the module docstring)."""
+        path = Path(path)
+        rank = self.par.rank
+        token = self._shared_token()
+        tmp = path.parent / f".{path.name}.tmp-{token}"
+        if rank == 0:
+            tmp = ckpt.begin(path, token)
+        self._barrier()
+        try:
+            model_sd = {
+                k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
+                for k, v in self.gpt.state_dict().items()
+            }
+            torch.save(model_sd, tmp / f"model_rank{rank}.pt")
+            torch.save(self.optimizer.state_dict(), tmp / f"optimizer_rank{rank}.pt")
+            torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+            if rank == 0:
+                state = {
+                    "step": self._version,
+                    "version": self._version,
+                    **self._layout_meta(),
+                    "model_path": str(self.model_cfg.path),
+                    "loss": self.algorithm_cfg.loss,
+                    "backend": "megatron",
+                }
+                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        except BaseException:
+            if rank == 0:
+                ckpt.abort(tmp)
+            raise
+        self._barrier()
+        if rank == 0:
+            ckpt.commit(tmp, path, {"step": self._version, "version": self._version})
+        self._barrier()
+        return path
+
+    def load(self, path: str | Path) -> None:
+        """Restore model, optimizer, RNG, step and version from ``save(path)`` (same layout)."""
+        path = ckpt.require_committed(path)
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state.get("backend") != "megatron":
+            raise ValueError(f"{path} was not written by the Megatron backend")
+        mine = self._layout_meta()
+        theirs = {k: state.get(k) for k in mine}
+        if theirs != mine:
+            raise ValueError(
+                f"checkpoint {path} was written with layout {theirs}, this trainer runs {mine}; "
+                "restart with the same world size / tensor_parallel / expert_parallel, or start "
+                "from an exported HF checkpoint instead"
+            )
+        rank = self.par.rank
+        model_sd = torch.load(path / f"model_rank{rank}.pt", map_location="cpu", weights_only=False)
+        self.gpt.load_state_dict(model_sd, strict=True)
+        self.optimizer.load_state_dict(
+            torch.load(path / f"optimizer_rank{rank}.pt", map_location="cpu", weights_only=False)
+        )
+        _set_rng_state(
+            torch.load(path / f"rng_rank{rank}.pt", map_location="cpu", weights_only=False)
+        )
+        self._version = int(state["version"])
+        self.optimizer.zero_grad()
+        self.model.zero_grad_buffer()
+        self._set_lr()
+
+    # ------------------------------------------------------------------ weights out
+
+    def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The full HF (hub layout) state dict; a collective over TP and EP groups."""
+        sd = convert.gather_hf(
+            self.gpt, self.layout, tp_group=self._tp_group, ep_group=self._ep_group
+        )
+        if dtype is None:
+            return sd
+        keep = _KEEP_FP32.get(self.layout.arch, ())
+        return {
+            k: v if (not v.is_floating_point() or any(s in k for s in keep)) else v.to(dtype)
+            for k, v in sd.items()
+        }
+
+    def export_weights(self, path: str | Path, version: int) -> Path:
+        """Write HF safetensors (model.dtype precision) + config + tokenizer to ``path``."""
+        path = Path(path)
+        sd = self.hf_state_dict(self.export_dtype)
+        if self.par.rank == 0:
+            config = dict(self.hf_config)
+            config["dtype"] = str(self.export_dtype).removeprefix("torch.")
+            config.pop("torch_dtype", None)
+            tokenizer = self.model_cfg.tokenizer_path
+            write_hf_checkpoint(
+                sd,
+                config,
+                path,
+                version,
+                source_dir=self.model_cfg.path,
+                tokenizer_dir=tokenizer if tokenizer and tokenizer != self.model_cfg.path else None,
+                max_shard_size=self.export_max_shard_size,
+            )
+        self._barrier()
+        return path

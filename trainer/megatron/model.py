@@ -1,0 +1,852 @@
+"""Megatron-core models built from a Hugging Face config: MiMo-V2-Flash and Qwen3-MoE.
+
+A Megatron ``GPTModel`` whose decoder is assembled layer by layer from Megatron's spec system
+(``TransformerBlockSubmodules(layer_specs=[...])``): every layer gets its own attention spec,
+so the per-layer differences of MiMo-V2-Flash that one ``TransformerConfig`` cannot express
+(one ``num_query_groups``, one ``kv_channels``) come from per-layer parameters instead:
+
+    MiMo-V2-Flash (transformers ``MiMoV2FlashForCausalLM``)      how it is built here
+    layer i global or sliding window (``layer_types``)           per-layer ``AttentionLayout``
+    sliding layers: 2x KV heads, learnable sink per head         ``num_kv_heads``, ``sink``
+    q/k head dim != v head dim, values * attention_value_scale   ``HybridSelfAttention``
+    partial RoPE, theta per layer type                           a RotaryEmbedding per layer
+    dense layer 0, MoE elsewhere (``mlp_layer_types``)           MLP or MoELayer spec per layer
+    sigmoid router, selection bias, normalisation, scaling       Megatron's TopKRouter config
+
+Qwen3-MoE (per-head q/k RMSNorm, softmax router, ``mlp_only_layers``) uses the same classes.
+
+Custom pieces, each a Megatron submodule plugged in through the spec:
+
+- ``PackedCoreAttention``: causal attention over packed sequences (Megatron's ``PackedSeqParams``
+  THD format: sequences back to back, ``cu_seqlens`` boundaries, positions restart per
+  sequence), with an optional sliding window and learnable sink logits. Megatron's local
+  ``DotProductAttention`` refuses packed input and builds its masks on CUDA; this one runs the
+  same math through ``F.scaled_dot_product_attention`` per sequence on any device. A sink is an
+  extra key with logit ``sink_h`` and a zero value: softmax over [scores, sink], sink dropped,
+  exactly the HF eager attention.
+- ``HybridSelfAttention``: Megatron's ``SelfAttention`` with a per-layer config copy (KV heads,
+  q/k head dim), a fused QKV of per-group [q..., k, v] blocks whose v part has its own head dim,
+  the value scale, and its own rotary embedding.
+- ``ReplayTopKRouter``: Megatron's ``TopKRouter`` whose ``RouterReplay`` also records the
+  router's own top-k before a replay replaces it (the R3 route-agreement metric), and whose
+  gating is a plain ``F.linear`` in the router dtype (fp32 for MiMo, as HF computes it; no
+  Transformer Engine needed).
+- ``RMSNorm``: HF's formula (normalise in fp32, cast back, times weight), usable with sequence
+  parallelism (Megatron's torch-norm wrapper refuses it).
+
+Shape suffixes: N packed tokens, S tokens of one sequence, B sequences, H hidden, V vocab,
+h attention heads (local to the TP rank), g KV groups, d q/k head dim, e v head dim,
+E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+__all__ = [
+    "AttentionLayout",
+    "HybridSelfAttention",
+    "ModelLayout",
+    "PackedCoreAttention",
+    "RMSNorm",
+    "ReplayTopKRouter",
+    "RouterLayout",
+    "build_gpt_model",
+    "layout_from_hf",
+    "packed_forward",
+    "replay_routers",
+    "transformer_config",
+]
+
+SUPPORTED_ARCHS = ("mimo_v2_flash", "qwen3_moe")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: what the HF config says, per layer
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Attention of one decoder layer."""
+
+    num_kv_heads: int
+    qk_head_dim: int
+    v_head_dim: int
+    window: int | None
+    """Keys visible to a query, itself included (HF ``sliding_window``); None: full causal."""
+    sink: bool
+    """A learnable sink logit per head (an extra softmax column, dropped after normalising)."""
+    rope_theta: float
+    rotary_dim: int
+    """Leading q/k dims that get RoPE (``int(head_dim * partial_rotary_factor)``)."""
+    value_scale: float
+    qk_norm: bool
+    """Per-head RMSNorm of q and k before RoPE (Qwen3)."""
+
+
+@dataclass(frozen=True)
+class RouterLayout:
+    """Top-k router of the MoE layers."""
+
+    score_function: str
+    """sigmoid (MiMo, DeepSeek-V3) or softmax (Qwen3-MoE)."""
+    expert_bias: bool
+    """A selection-only bias added to the scores before top-k (MiMo's e_score_correction_bias)."""
+    normalize: bool
+    """Renormalise the chosen weights to sum to 1 (``norm_topk_prob``)."""
+    scaling: float
+    """Routed scaling factor applied to the weights."""
+    num_groups: int | None
+    group_topk: int | None
+    fp32: bool
+    """Router logits in fp32 whatever the activation dtype (MiMo)."""
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """Everything the Megatron model needs from an HF config."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    ffn_hidden_size: int
+    moe_ffn_hidden_size: int
+    num_experts: int
+    topk: int
+    rms_eps: float
+    tie_embeddings: bool
+    init_std: float
+    max_positions: int
+    attention: tuple[AttentionLayout, ...]
+    moe: tuple[bool, ...]
+    router: RouterLayout | None
+
+    @property
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        """Decoder-layer indices of the MoE layers (the L axis of routes_NLk)."""
+        return tuple(i for i, m in enumerate(self.moe) if m)
+
+
+def _hf_dict(hf_config: Any) -> dict[str, Any]:
+    if hasattr(hf_config, "to_dict"):
+        return hf_config.to_dict()
+    if isinstance(hf_config, dict):
+        return dict(hf_config)
+    raise TypeError(f"expected a transformers config or a config dict, got {type(hf_config)}")
+
+
+def _need(cfg: dict[str, Any], key: str) -> Any:
+    if cfg.get(key) is None:
+        raise ValueError(f"HF config field {key!r} is missing; the model cannot be built")
+    return cfg[key]
+
+
+def _num_experts(cfg: dict[str, Any]) -> int:
+    # The same field has three names across transformers configs (attribute_map aliases).
+    for key in ("n_routed_experts", "num_experts", "num_local_experts"):
+        if cfg.get(key) is not None:
+            return int(cfg[key])
+    raise ValueError("HF config has no expert count (n_routed_experts / num_experts)")
+
+
+def _rope(params: dict[str, Any] | None, head_dim: int, default_theta: float, field: str):
+    params = params or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(
+            f"HF config {field}.rope_type={rope_type!r}: only 'default' RoPE is supported by the "
+            "Megatron backend"
+        )
+    theta = float(params.get("rope_theta", default_theta))
+    factor = float(params.get("partial_rotary_factor", 1.0))
+    return theta, int(head_dim * factor)
+
+
+def _mimo_layout(cfg: dict[str, Any]) -> ModelLayout:
+    n = int(_need(cfg, "num_hidden_layers"))
+    heads = int(_need(cfg, "num_attention_heads"))
+    hidden = int(_need(cfg, "hidden_size"))
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    v_head_dim = int(cfg.get("v_head_dim") or head_dim)
+    kv = int(_need(cfg, "num_key_value_heads"))
+    # Same defaults as transformers' MiMoV2FlashConfig.__post_init__.
+    layer_types = cfg.get("layer_types") or [
+        "full_attention" if (i == 0 or (i + 1) % 6 == 0) else "sliding_attention" for i in range(n)
+    ]
+    mlp_types = cfg.get("mlp_layer_types") or ["dense"] + ["sparse"] * (n - 1)
+    rope = cfg.get("rope_parameters") or {
+        "full_attention": {"rope_type": "default", "rope_theta": 5_000_000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+    }
+    if len(layer_types) != n or len(mlp_types) != n:
+        raise ValueError(
+            f"HF config layer_types ({len(layer_types)}) and mlp_layer_types ({len(mlp_types)}) "
+            f"must have num_hidden_layers={n} entries"
+        )
+    if cfg.get("attention_bias"):
+        raise ValueError("HF config attention_bias=true is not supported by the Megatron backend")
+    value_scale = cfg.get("attention_value_scale")
+    attention = []
+    for i, lt in enumerate(layer_types):
+        if lt not in ("full_attention", "sliding_attention"):
+            raise ValueError(f"HF config layer_types[{i}]={lt!r}: expected full or sliding")
+        sliding = lt == "sliding_attention"
+        params = dict(rope.get(lt) or {})
+        params.setdefault("partial_rotary_factor", 0.334)  # MiMo's default, as in transformers
+        theta, rotary_dim = _rope(params, head_dim, 10_000.0, f"rope_parameters[{lt!r}]")
+        attention.append(
+            AttentionLayout(
+                num_kv_heads=kv * 2 if sliding else kv,
+                qk_head_dim=head_dim,
+                v_head_dim=v_head_dim,
+                window=int(_need(cfg, "sliding_window")) if sliding else None,
+                sink=sliding,
+                rope_theta=theta,
+                rotary_dim=rotary_dim,
+                value_scale=1.0 if value_scale is None else float(value_scale),
+                qk_norm=False,
+            )
+        )
+    for i, t in enumerate(mlp_types):
+        if t not in ("dense", "sparse"):
+            raise ValueError(f"HF config mlp_layer_types[{i}]={t!r}: expected dense or sparse")
+    n_group = int(cfg.get("n_group") or 1)
+    topk_group = int(cfg.get("topk_group") or 1)
+    return ModelLayout(
+        arch="mimo_v2_flash",
+        vocab_size=int(_need(cfg, "vocab_size")),
+        hidden_size=hidden,
+        num_layers=n,
+        num_heads=heads,
+        ffn_hidden_size=int(_need(cfg, "intermediate_size")),
+        moe_ffn_hidden_size=int(_need(cfg, "moe_intermediate_size")),
+        num_experts=_num_experts(cfg),
+        topk=int(_need(cfg, "num_experts_per_tok")),
+        rms_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        init_std=float(cfg.get("initializer_range", 0.02)),
+        max_positions=int(cfg.get("max_position_embeddings", 4096)),
+        attention=tuple(attention),
+        moe=tuple(t == "sparse" for t in mlp_types),
+        router=RouterLayout(
+            score_function="sigmoid",
+            expert_bias=True,
+            normalize=bool(cfg.get("norm_topk_prob", True)),
+            scaling=float(cfg.get("routed_scaling_factor") or 1.0),
+            # HF's group-limited top-k ranks groups by their top-2 sum; Megatron's does too only
+            # for topk/group_topk == 2, so groups are accepted only when they select everything.
+            num_groups=None,
+            group_topk=None,
+            fp32=True,
+        )
+        if n_group == topk_group
+        else _unsupported_groups(n_group, topk_group),
+    )
+
+
+def _unsupported_groups(n_group: int, topk_group: int) -> RouterLayout:
+    raise ValueError(
+        f"HF config n_group={n_group}, topk_group={topk_group}: group-limited routing is not "
+        "supported by the Megatron backend (MiMo-V2-Flash uses n_group = topk_group = 1)"
+    )
+
+
+def _qwen3_moe_layout(cfg: dict[str, Any]) -> ModelLayout:
+    n = int(_need(cfg, "num_hidden_layers"))
+    heads = int(_need(cfg, "num_attention_heads"))
+    hidden = int(_need(cfg, "hidden_size"))
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    if cfg.get("use_sliding_window"):
+        raise ValueError("HF config use_sliding_window=true is not supported for Qwen3-MoE")
+    if cfg.get("attention_bias"):
+        raise ValueError("HF config attention_bias=true is not supported by the Megatron backend")
+    rope = cfg.get("rope_parameters") or {"rope_theta": cfg.get("rope_theta", 10_000.0)}
+    theta, rotary_dim = _rope(rope, head_dim, 10_000.0, "rope_parameters")
+    only_dense = set(cfg.get("mlp_only_layers") or [])
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    experts = _num_experts(cfg)
+    moe = tuple(i not in only_dense and experts > 0 and (i + 1) % step == 0 for i in range(n))
+    layout = AttentionLayout(
+        num_kv_heads=int(_need(cfg, "num_key_value_heads")),
+        qk_head_dim=head_dim,
+        v_head_dim=head_dim,
+        window=None,
+        sink=False,
+        rope_theta=theta,
+        rotary_dim=rotary_dim,
+        value_scale=1.0,
+        qk_norm=True,
+    )
+    norm = bool(cfg.get("norm_topk_prob", False))
+    return ModelLayout(
+        arch="qwen3_moe",
+        vocab_size=int(_need(cfg, "vocab_size")),
+        hidden_size=hidden,
+        num_layers=n,
+        num_heads=heads,
+        ffn_hidden_size=int(_need(cfg, "intermediate_size")),
+        moe_ffn_hidden_size=int(_need(cfg, "moe_intermediate_size")),
+        num_experts=experts,
+        topk=int(_need(cfg, "num_experts_per_tok")),
+        rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        init_std=float(cfg.get("initializer_range", 0.02)),
+        max_positions=int(cfg.get("max_position_embeddings", 4096)),
+        attention=(layout,) * n,
+        moe=moe,
+        router=RouterLayout(
+            score_function="softmax",
+            expert_bias=False,
+            normalize=norm,
+            scaling=1.0,
+            num_groups=None,
+            group_topk=None,
+            fp32=False,
+        ),
+    )
+
+
+def layout_from_hf(hf_config: Any) -> ModelLayout:
+    """Read an HF config (a transformers config object or its ``config.json`` dict)."""
+    cfg = _hf_dict(hf_config)
+    arch = cfg.get("model_type")
+    if arch == "mimo_v2_flash":
+        layout = _mimo_layout(cfg)
+    elif arch == "qwen3_moe":
+        layout = _qwen3_moe_layout(cfg)
+    else:
+        raise ValueError(
+            f"HF model_type={arch!r} is not supported by the Megatron backend; supported: "
+            f"{', '.join(SUPPORTED_ARCHS)} (use trainer.backend=torch for other models)"
+        )
+    if (cfg.get("hidden_act") or "silu") != "silu":
+        raise ValueError(f"HF config hidden_act={cfg.get('hidden_act')!r}: only silu is supported")
+    if not any(layout.moe):
+        raise ValueError(
+            "the HF config has no MoE layer; use trainer.backend=torch for dense models"
+        )
+    return layout
+
+
+# ---------------------------------------------------------------------------------------------
+# TransformerConfig
+# ---------------------------------------------------------------------------------------------
+
+
+def transformer_config(
+    layout: ModelLayout,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    tensor_parallel: int = 1,
+    expert_parallel: int = 1,
+    routing_replay: bool = True,
+    recompute: bool = False,
+    use_cpu_initialization: bool | None = None,
+    token_dispatcher: str | None = None,
+) -> Any:
+    """The model-wide Megatron ``TransformerConfig`` (per-layer attention comes from the specs).
+
+    CPU-related choices (documented rather than patched): ``use_cpu_initialization`` (weights
+    are created on CPU; default on machines without CUDA), the ``allgather`` token dispatcher
+    (the all-to-all one needs CUDA streams; default on CPU, ``alltoall`` on GPU), no biases in
+    linear layers, no fused kernels (bias-dropout, softmax, RoPE, GLU), dropout off.
+
+    ``num_query_groups`` / ``kv_channels`` hold the values of the first layer; every layer's
+    ``HybridSelfAttention`` overrides them with its own.
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    cuda = torch.cuda.is_available()
+    if use_cpu_initialization is None:
+        use_cpu_initialization = not cuda
+    if token_dispatcher is None:
+        token_dispatcher = "alltoall" if cuda else "allgather"
+    router = layout.router
+    assert router is not None
+    first = layout.attention[0]
+    recompute_kwargs: dict[str, Any] = {}
+    if recompute:
+        recompute_kwargs = dict(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+        )
+    return TransformerConfig(
+        num_layers=layout.num_layers,
+        hidden_size=layout.hidden_size,
+        num_attention_heads=layout.num_heads,
+        num_query_groups=first.num_kv_heads,
+        kv_channels=first.qk_head_dim,
+        ffn_hidden_size=layout.ffn_hidden_size,
+        moe_ffn_hidden_size=layout.moe_ffn_hidden_size,
+        num_moe_experts=layout.num_experts,
+        moe_router_topk=layout.topk,
+        moe_layer_freq=[1 if m else 0 for m in layout.moe],
+        moe_router_score_function=router.score_function,
+        moe_router_enable_expert_bias=router.expert_bias,
+        # The selection bias is a trained constant here: no aux-loss-free bias updates.
+        moe_router_bias_update_rate=0.0,
+        moe_router_pre_softmax=router.score_function == "softmax" and not router.normalize,
+        moe_router_topk_scaling_factor=router.scaling if router.scaling != 1.0 else None,
+        moe_router_num_groups=router.num_groups,
+        moe_router_group_topk=router.group_topk,
+        moe_router_dtype="fp32" if router.fp32 else None,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type=token_dispatcher,
+        moe_enable_routing_replay=routing_replay,
+        moe_grouped_gemm=False,
+        normalization="RMSNorm",
+        layernorm_epsilon=layout.rms_eps,
+        qk_layernorm=first.qk_norm,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        init_method_std=layout.init_std,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=use_cpu_initialization,
+        tensor_model_parallel_size=tensor_parallel,
+        expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=1,
+        sequence_parallel=tensor_parallel > 1,
+        **recompute_kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Submodules
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm exactly as HF computes it: ``weight * (x_fp32 * rsqrt(mean(x^2) + eps)).to(dtype)``.
+
+    Takes Megatron's norm-builder arguments; marks its weight ``sequence_parallel`` so Megatron
+    all-reduces its gradient across tensor-parallel ranks when sequence parallelism is on.
+    """
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-6, **_: Any) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(
+            torch.ones(
+                hidden_size,
+                dtype=config.params_dtype,
+                device=None if config.use_cpu_initialization else torch.cuda.current_device(),
+            )
+        )
+        self.eps = eps
+        self.weight.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def _window_bias(S: int, window: int | None, device: torch.device, dtype: torch.dtype):
+    """[S, S] additive mask: 0 where key j is visible from query i (j <= i, i - j < window)."""
+    i = torch.arange(S, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    visible = j <= i
+    if window is not None:
+        visible = visible & (i - j < window)
+    bias = torch.zeros(S, S, device=device, dtype=dtype)
+    return bias.masked_fill(~visible, float("-inf"))
+
+
+class PackedCoreAttention(torch.nn.Module):
+    """Causal attention over packed (THD) or batched (SBHD) sequences; sliding window; sinks.
+
+    Built by Megatron's ``Attention`` through the ``core_attention`` builder protocol; the
+    layer's ``AttentionLayout`` comes in through ``functools.partial``.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        layer_number: int,
+        attn_mask_type: Any,
+        attention_type: str,
+        cp_comm_type: str | None = None,
+        softmax_scale: float | None = None,
+        pg_collection: Any = None,
+        *,
+        layout: AttentionLayout,
+    ) -> None:
+        super().__init__()
+        from megatron.core import tensor_parallel
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        tp = pg_collection.tp.size()
+        if config.context_parallel_size != 1:
+            raise ValueError("context parallelism is not supported by PackedCoreAttention")
+        self.layout = layout
+        self.num_heads = config.num_attention_heads // tp
+        self.num_groups = max(1, layout.num_kv_heads // tp)
+        self.softmax_scale = softmax_scale or layout.qk_head_dim**-0.5
+        self.sinks: torch.nn.Parameter | None = None
+        if layout.sink:
+            self.sinks = torch.nn.Parameter(
+                torch.empty(
+                    self.num_heads,
+                    dtype=config.params_dtype,
+                    device=None if config.use_cpu_initialization else torch.cuda.current_device(),
+                )
+            )
+            if config.perform_initialization:
+                torch.nn.init.normal_(self.sinks, std=config.init_method_std)
+            tensor_parallel.set_tensor_model_parallel_attributes(self.sinks, True, 0, 1)
+
+    def _attend(self, q_Shd: torch.Tensor, k_Sgd: torch.Tensor, v_Sge: torch.Tensor):
+        """One sequence: q [S, h, d], k [S, g, d], v [S, g, e] -> [S, h * e]."""
+        S = q_Shd.shape[0]
+        rep = self.num_heads // self.num_groups
+        q = q_Shd.transpose(0, 1)
+        k = k_Sgd.transpose(0, 1).repeat_interleave(rep, dim=0)
+        v = v_Sge.transpose(0, 1).repeat_interleave(rep, dim=0)
+        if self.sinks is None and self.layout.window is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:
+            bias = _window_bias(S, self.layout.window, q.device, q.dtype).expand(q.shape[0], S, S)
+            if self.sinks is not None:
+                # The sink: one more key whose logit is sink_h for every query and whose value
+                # is 0, so it only enlarges the softmax denominator.
+                h = q.shape[0]
+                k = torch.cat([k, k.new_zeros(h, 1, k.shape[-1])], dim=1)
+                v = torch.cat([v, v.new_zeros(h, 1, v.shape[-1])], dim=1)
+                sink = self.sinks.to(q.dtype).view(h, 1, 1).expand(h, S, 1)
+                bias = torch.cat([bias, sink], dim=-1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.softmax_scale)
+        return o.transpose(0, 1).reshape(S, -1)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: Any = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: Any = None,
+    ) -> torch.Tensor:
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported by PackedCoreAttention")
+        if packed_seq_params is not None:
+            # THD: [N, h, d]; sequences delimited by cu_seqlens.
+            cu = packed_seq_params.cu_seqlens_q.tolist()
+            outs = [self._attend(query[s:e], key[s:e], value[s:e]) for s, e in pairwise(cu)]
+            return torch.cat(outs, dim=0)
+        # SBHD: [S, B, h, d]; each batch column is one sequence.
+        outs = [self._attend(query[:, b], key[:, b], value[:, b]) for b in range(query.shape[1])]
+        return torch.stack(outs, dim=1)
+
+
+class HybridSelfAttention(SelfAttention):
+    """Megatron ``SelfAttention`` with per-layer KV heads, q/k vs v head dims, value scale,
+    and its own rotary embedding (theta and rotary dims of the layer's type).
+
+    Fused QKV weight rows, per KV group: [q of the group's heads (h/g * d), k (d), v (e)];
+    tensor parallelism splits the groups.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        submodules: Any,
+        layer_number: int,
+        attn_mask_type: Any = AttnMaskType.causal,
+        cp_comm_type: str | None = None,
+        pg_collection: Any = None,
+        *,
+        layout: AttentionLayout,
+    ) -> None:
+        cfg = copy.copy(config)
+        cfg.num_query_groups = layout.num_kv_heads
+        cfg.kv_channels = layout.qk_head_dim
+        cfg.softmax_scale = layout.qk_head_dim**-0.5
+        submodules = dataclasses.replace(
+            submodules, core_attention=functools.partial(PackedCoreAttention, layout=layout)
+        )
+        super().__init__(cfg, submodules, layer_number, attn_mask_type, cp_comm_type, pg_collection)
+        if layout.num_kv_heads % self.world_size:
+            raise ValueError(
+                f"layer {layer_number}: {layout.num_kv_heads} KV heads cannot be split over "
+                f"tensor_parallel={self.world_size}"
+            )
+        self.layout = layout
+        d, e = layout.qk_head_dim, layout.v_head_dim
+        heads, groups = cfg.num_attention_heads, layout.num_kv_heads
+        if e != d:
+            # Rebuild the two projections whose sizes depend on the v head dim.
+            self.linear_qkv = submodules.linear_qkv(
+                cfg.hidden_size,
+                heads * d + groups * (d + e),
+                config=cfg,
+                init_method=cfg.init_method,
+                gather_output=False,
+                bias=False,
+                skip_bias_add=False,
+                is_expert=False,
+                tp_comm_buffer_name="qkv",
+                tp_group=self.pg_collection.tp,
+            )
+            self.linear_proj = submodules.linear_proj(
+                heads * e,
+                cfg.hidden_size,
+                config=cfg,
+                init_method=cfg.output_layer_init_method,
+                bias=False,
+                input_is_parallel=True,
+                skip_bias_add=True,
+                is_expert=False,
+                tp_comm_buffer_name="proj",
+                tp_group=self.pg_collection.tp,
+            )
+        self.rotary = RotaryEmbedding(
+            kv_channels=layout.rotary_dim,
+            rotary_percent=1.0,
+            rotary_base=layout.rope_theta,
+            use_cpu_initialization=cfg.use_cpu_initialization,
+            cp_group=self.pg_collection.cp,
+        )
+
+    def get_query_key_value_tensors(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        output_gate: bool = False,
+        split_qkv: bool = True,
+    ):
+        if output_gate or not split_qkv:
+            raise ValueError("HybridSelfAttention supports neither output gates nor fused RoPE")
+        d, e = self.layout.qk_head_dim, self.layout.v_head_dim
+        g = self.num_query_groups_per_partition
+        per_group = self.num_attention_heads_per_partition // g
+        mixed, _ = self.linear_qkv(hidden_states)
+        mixed = mixed.view(*mixed.shape[:-1], g, per_group * d + d + e)
+        query, key, value = torch.split(mixed, [per_group * d, d, e], dim=-1)
+        query = query.reshape(*query.shape[:-2], -1, d)
+        if self.q_layernorm is not None:
+            query = self.q_layernorm(query)
+        if self.k_layernorm is not None:
+            key = self.k_layernorm(key)
+        if self.layout.value_scale != 1.0:
+            value = value * self.layout.value_scale
+        return query, key, value
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Any, *args: Any, **kwargs: Any):
+        psp = kwargs.get("packed_seq_params")
+        if psp is not None:
+            seq_len = int(psp.max_seqlen_q)
+        else:
+            seq_len = hidden_states.shape[0]
+            if self.config.sequence_parallel:
+                seq_len *= self.world_size
+        kwargs["rotary_pos_emb"] = self.rotary(seq_len)
+        return super().forward(hidden_states, attention_mask, *args, **kwargs)
+
+
+class AgreementRouterReplay(RouterReplay):
+    """Megatron's RouterReplay that also keeps the router's own top-k of the last forward.
+
+    Under REPLAY_FORWARD it runs Megatron's own top-k (``default_compute_topk``, selection
+    bias included) on the same scores before handing back the replayed ids; under RECORD the
+    recorded ids are the router's own. ``own_topk_idx`` feeds the route-agreement metric.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.own_topk_idx: torch.Tensor | None = None
+
+    def get_replay_topk(
+        self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None
+    ):
+        if self.router_replay_action == RouterReplayAction.REPLAY_FORWARD:
+            with torch.no_grad():
+                _, own = default_compute_topk(
+                    scores, topk, num_groups=num_groups, group_topk=group_topk
+                )
+            self.own_topk_idx = own.detach()
+        probs, idx = super().get_replay_topk(
+            scores, topk, num_groups, group_topk, default_compute_topk
+        )
+        if self.router_replay_action == RouterReplayAction.RECORD:
+            self.own_topk_idx = idx.detach()
+        return probs, idx
+
+    def clear_indices(self) -> None:
+        super().clear_indices()
+        self.own_topk_idx = None
+
+
+class ReplayTopKRouter(TopKRouter):
+    """TopKRouter with an ``AgreementRouterReplay`` and a TE-free, device-agnostic gating."""
+
+    def __init__(self, config: Any, pg_collection: Any = None) -> None:
+        super().__init__(config=config, pg_collection=pg_collection)
+        if self.router_replay is not None:
+            # The trainer drives each layer's replay itself (per micro-batch); keeping them out
+            # of Megatron's process-wide list lets models be built and dropped without leaks.
+            RouterReplay.global_router_replay_instances.remove(self.router_replay)
+            self.router_replay = AgreementRouterReplay()
+            RouterReplay.global_router_replay_instances.remove(self.router_replay)
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(
+            self.config.moe_router_dtype, input.dtype
+        )
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(input.to(dtype), self.weight.to(dtype), bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs and model
+# ---------------------------------------------------------------------------------------------
+
+
+def layer_specs(layout: ModelLayout) -> Any:
+    """One Megatron ``TransformerLayer`` spec per decoder layer."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttentionSubmodules
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+    from megatron.core.transformer.transformer_layer import (
+        TransformerLayer,
+        TransformerLayerSubmodules,
+    )
+
+    mlp_sub = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    dense = ModuleSpec(module=MLP, submodules=mlp_sub)
+    moe = ModuleSpec(
+        module=MoELayer,
+        submodules=MoESubmodules(
+            experts=ModuleSpec(module=SequentialMLP, submodules=mlp_sub),
+            router=ReplayTopKRouter,
+        ),
+    )
+    specs = []
+    for att, is_moe in zip(layout.attention, layout.moe):
+        attention = ModuleSpec(
+            module=HybridSelfAttention,
+            params={"attn_mask_type": AttnMaskType.causal, "layout": att},
+            submodules=SelfAttentionSubmodules(
+                linear_qkv=ColumnParallelLinear,
+                core_attention=PackedCoreAttention,
+                linear_proj=RowParallelLinear,
+                q_layernorm=RMSNorm if att.qk_norm else None,
+                k_layernorm=RMSNorm if att.qk_norm else None,
+            ),
+        )
+        specs.append(
+            ModuleSpec(
+                module=TransformerLayer,
+                submodules=TransformerLayerSubmodules(
+                    input_layernorm=RMSNorm,
+                    self_attention=attention,
+                    self_attn_bda=get_bias_dropout_add,
+                    pre_mlp_layernorm=RMSNorm,
+                    mlp=moe if is_moe else dense,
+                    mlp_bda=get_bias_dropout_add,
+                ),
+            )
+        )
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm)
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int) -> int:
+    """Vocabulary rounded up to a multiple of the tensor-parallel size (Megatron splits it)."""
+    return int(math.ceil(vocab_size / tensor_parallel) * tensor_parallel)
+
+
+def build_gpt_model(layout: ModelLayout, config: Any) -> Any:
+    """A Megatron ``GPTModel`` for ``layout`` (random weights; load HF ones with ``convert``).
+
+    Positions are handled per layer (``position_embedding_type='none'`` at the model level);
+    logits come back gathered over tensor-parallel ranks, [B, S, V_padded].
+    """
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_specs(layout),
+        vocab_size=padded_vocab_size(layout.vocab_size, config.tensor_model_parallel_size),
+        max_sequence_length=layout.max_positions,
+        pre_process=True,
+        post_process=True,
+        parallel_output=False,
+        share_embeddings_and_output_weights=layout.tie_embeddings,
+        position_embedding_type="none",
+    )
+    if torch.cuda.is_available() and config.use_cpu_initialization:
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def replay_routers(model: torch.nn.Module) -> list[Any]:
+    """The ``AgreementRouterReplay`` of every MoE layer of ``model``, in layer order."""
+    out = []
+    for module in model.modules():
+        replay = getattr(module, "router_replay", None)
+        if isinstance(replay, AgreementRouterReplay):
+            out.append(replay)
+    return out
+
+
+def packed_forward(
+    model: torch.nn.Module, tokens_N: torch.Tensor, cu_seqlens_B1: torch.Tensor
+) -> torch.Tensor:
+    """Logits [N, V_padded] of a packed row (positions restart at every sequence)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = cu_seqlens_B1.to(device=tokens_N.device, dtype=torch.int32)
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    positions_N = torch.cat([torch.arange(n, device=tokens_N.device) for n in lengths])
+    max_len = max(lengths)
+    psp = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=max_len,
+        max_seqlen_kv=max_len,
+    )
+    logits = model(
+        input_ids=tokens_N[None].long(),
+        position_ids=positions_N[None],
+        attention_mask=None,
+        packed_seq_params=psp,
+    )
+    return logits[0]
