@@ -21,6 +21,7 @@ not async (driver code, sync Ray actors).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -626,7 +627,7 @@ class SyncEngineClient:
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         target = getattr(self._client, name)
-        if not asyncio.iscoroutinefunction(target):
+        if not inspect.iscoroutinefunction(target):
             return target
 
         def call(*args: Any, **kwargs: Any) -> Any:

@@ -122,6 +122,16 @@ def test_slow_teacher_is_bounded_by_timeouts(standin):
     assert len(state.bodies("/abort_request")) == 2
 
 
+def test_from_run_config(standin):
+    from mopd.config.schema import TeacherConfig
+
+    url, _ = standin
+    cfg = TeacherConfig(name="math", model="ckpt", domains=["math"], top_logprobs=2, max_retries=1)
+    scorer = TeacherScorer.from_config(cfg, [url], backoff_initial_s=0.01)
+    (result,) = run(scored(scorer, [([1], [2, 3])]))
+    assert scorer.name == "math" and result.topk_ids_TK.shape == (2, 2)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="max_concurrency"):
         TeacherScorer("t", ["http://127.0.0.1:1"], max_concurrency=0)
