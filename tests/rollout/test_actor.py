@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from rollout.build import build_rollout_backend, routed_experts_shape_of
 from rollout.launcher import LaunchSpec
 
 PROMPT = [5, 6, 7, 8]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -75,35 +77,33 @@ def test_rollout_worker_owns_and_forwards_to_its_server(ray_local, tiny_ckpts):
     ray.kill(worker)
 
 
-def test_build_rollout_backend_local_processes(tiny_ckpts):
+def test_build_rollout_backend_local_processes(tmp_path):
+    # Two server processes (the SGLang-shaped stand-in, cheap to start) behind the router.
+    (tmp_path / "config.json").write_text('{"num_hidden_layers": 3, "num_experts_per_tok": 2}')
     cfg = RolloutConfig(num_servers=2, max_running_requests=8)
+    standin = {"module": "tests.inference.sglang_standin", "cwd": str(REPO)}
     service = build_rollout_backend(
         cfg,
-        str(tiny_ckpts["mimo"]),
+        str(tmp_path),
         use_ray=False,
-        spec_overrides=[
-            {"extra_argv": ("--torch-num-threads", "1"), "random_seed": s} for s in (0, 1)
-        ],
-        startup_timeout_s=120,
+        spec_overrides=[{**standin, "weight_version": v} for v in ("a", "b")],
+        startup_timeout_s=60,
     )
-    greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
+    request = GenerateRequest(
+        input_ids=PROMPT, sampling_params=SamplingParams(max_new_tokens=3), return_logprob=True,
+        return_routed_experts=True,
+    )  # fmt: skip
 
     async def go():
         try:
-            outs = await service.router.generate_many(
-                [
-                    GenerateRequest(input_ids=PROMPT, sampling_params=greedy, return_logprob=True,
-                                    return_routed_experts=True)
-                    for _ in range(4)
-                ]
-            )  # fmt: skip
+            outs = await service.router.generate_many([request] * 4)
             return outs, service.router.loads(), await service.router.weight_versions()
         finally:
             await service.aclose()
 
     outs, loads, versions = asyncio.run(go())
     assert [load.served for load in loads] == [2, 2]
-    assert versions == ["default", "default"]
-    # Greedy decoding of the same checkpoint: every server gives the same tokens.
-    assert len({tuple(o.output_ids.tolist()) for o in outs}) == 1
+    assert versions == ["a", "b"]
+    assert all(o.routed_experts.shape == (len(PROMPT) + 3 - 1, 3, 2) for o in outs)
     assert all(not w.alive() for w in service.workers)
+    assert "--enable-return-routed-experts" in service.workers[0].command
