@@ -92,10 +92,10 @@ def math_equivalence(
     reference = _require_answer(answer, "math_equivalence")
     # math-verify's timeout uses SIGALRM, which only the main thread may set.
     timeout = timeout_s if threading.current_thread() is threading.main_thread() else None
-    # A bare LaTeX reference ('\sqrt{8}') is only recognised inside math delimiters.
-    delimited = "$" in reference or "\\boxed" in reference
-    gold = [] if delimited else parse(f"${reference}$", parsing_timeout=timeout)
-    gold = gold or parse(reference, parsing_timeout=timeout)
+    gold = parse(reference, parsing_timeout=timeout)
+    if not gold and "$" not in reference:
+        # A bare LaTeX reference ('\sqrt{8}') is only recognised inside math delimiters.
+        gold = parse(f"${reference}$", parsing_timeout=timeout)
     if not gold:
         raise ValueError(
             f"math_equivalence cannot parse the reference answer {reference!r}; store it as a "
