@@ -62,7 +62,7 @@ from mopd.scheduler.sources import PromptSource, build_source, derive_seed
 from mopd.scheduler.tokenize import Tokenize
 from mopd.types import Prompt, RolloutSample, ScoredSample
 
-__all__ = ["BatchSelection", "DataScheduler", "PromptGroup", "SchedulerError"]
+__all__ = ["BatchSelection", "DataScheduler", "PromptGroup", "SchedulerError", "is_partial"]
 
 STATE_FORMAT = 1
 # Prompts a source may skip in a row (too long / empty) before the config is called hopeless.
