@@ -6,9 +6,9 @@ Exactly-once into training, across crashes of producers and consumers:
 - ``publish`` adds a sample only if its id was never published in this run (a Lua script
   does SADD + XADD atomically), so a rollout worker that re-sends after a restart adds
   nothing twice.
-- ``read`` first re-delivers this consumer's own pending entries (a restarted trainer with
-  the same name sees what it had read but not committed), then new ones; entries whose
-  sample was already committed are acknowledged and skipped.
+- ``read`` hands out entries never delivered before; ``recover`` (at a restart) hands a
+  consumer back its own pending entries: read before the crash, never committed. Entries
+  whose sample was already committed are acknowledged and skipped.
 - ``commit`` runs after the checkpoint of the step that used the samples is on disk: it
   marks their ids trained and acknowledges their entries in one MULTI/EXEC. The checkpoint
   holds the same ids, so a crash between checkpoint and ``commit`` is repaired by calling
@@ -60,6 +60,7 @@ class TrainingStream:
         self.published_key = f"{self.prefix}:published"
         self.trained_key = f"{self.prefix}:trained"
         self.dead_key = f"{self.prefix}:undecodable"
+        self.dropped_key = f"{self.prefix}:dropped"
         self._publish = self.r.register_script(_PUBLISH_ONCE)
         try:
             self.r.xgroup_create(self.stream_key, self.GROUP, id="0", mkstream=True)
@@ -85,11 +86,16 @@ class TrainingStream:
 
     # -- consumer -----------------------------------------------------------------
     def read(self, consumer: str, count: int, block_ms: int | None = None) -> list[Delivery]:
-        """Up to ``count`` samples for ``consumer``: its own pending ones first, then new."""
-        out = self._read(consumer, "0", count, None)
-        if len(out) < count:
-            out += self._read(consumer, ">", count - len(out), block_ms)
-        return out
+        """Up to ``count`` samples never delivered before (blocks up to ``block_ms``)."""
+        return self._read(consumer, ">", count, block_ms)
+
+    def recover(self, consumer: str, count: int = 10_000) -> list[Delivery]:
+        """This consumer's pending samples: delivered before a restart, never committed.
+
+        Call once at (re)start, after ``commit_ids`` has replayed the last checkpoint's
+        commit: what remains was not part of any committed step and must train again.
+        """
+        return self._read(consumer, "0", count, None)
 
     def _read(self, consumer: str, start: str, count: int, block_ms: int | None) -> list[Delivery]:
         resp = self.r.xreadgroup(
@@ -134,6 +140,18 @@ class TrainingStream:
             return
         pipe = self.r.pipeline(transaction=True)
         pipe.sadd(self.trained_key, *sample_ids)
+        pipe.xack(self.stream_key, self.GROUP, *entry_ids)
+        pipe.execute()
+
+    def discard_ids(self, entry_ids: Sequence[str], sample_ids: Sequence[str]) -> None:
+        """Acknowledge samples that will never train (too stale), keeping their ids for audit.
+
+        Like ``commit_ids``, call it only once the checkpoint that accounts for them is written.
+        """
+        if not entry_ids:
+            return
+        pipe = self.r.pipeline(transaction=True)
+        pipe.sadd(self.dropped_key, *sample_ids)
         pipe.xack(self.stream_key, self.GROUP, *entry_ids)
         pipe.execute()
 

@@ -32,9 +32,12 @@ def test_restarted_consumer_gets_its_pending_samples_back(rclient, namespace):
     first = stream.read("trainer-0", count=3)
     assert _ids(first) == ["s0", "s1", "s2"]
     stream.commit(first[:2])  # step committed for two of them, then the trainer dies
-    again = TrainingStream(rclient, namespace).read("trainer-0", count=10)
-    assert _ids(again) == ["s2", "s3", "s4"]
-    stream.commit(again)
+    restarted = TrainingStream(rclient, namespace)
+    recovered = restarted.recover("trainer-0")
+    assert _ids(recovered) == ["s2"]  # read before the crash, never committed
+    fresh = restarted.read("trainer-0", count=10)
+    assert _ids(fresh) == ["s3", "s4"]
+    stream.commit(recovered + fresh)
     assert stream.read("trainer-0", count=10) == []
     assert stream.trained_ids() == {f"s{i}" for i in range(5)}
     assert stream.depth()["pending"] == 0
@@ -49,8 +52,27 @@ def test_commit_from_checkpoint_ids_makes_redelivery_harmless(rclient, namespace
     ids = ([d.entry_id for d in got], _ids(got))
     stream.commit_ids(*ids)
     stream.commit_ids(*ids)
-    assert stream.read("t", count=10) == []
+    assert stream.recover("t") == [] and stream.read("t", count=10) == []
     assert stream.depth() == {"undelivered": 0, "pending": 0, "trained": 2}
+
+
+def test_read_does_not_redeliver_uncommitted_entries(rclient, namespace):
+    stream = TrainingStream(rclient, namespace)
+    stream.publish([scored("u1"), scored("u2")])
+    assert _ids(stream.read("t", count=1)) == ["u1"]
+    # u1 trained but its checkpoint is not written yet: the next read must not hand it out.
+    assert _ids(stream.read("t", count=5)) == ["u2"]
+    assert stream.depth()["pending"] == 2
+
+
+def test_discard_acks_without_marking_trained(rclient, namespace):
+    stream = TrainingStream(rclient, namespace)
+    stream.publish([scored("old")])
+    got = stream.read("t", count=1)
+    stream.discard_ids([got[0].entry_id], ["old"])
+    assert stream.recover("t") == []
+    assert stream.trained_ids() == set()
+    assert rclient.smembers(stream.dropped_key) == {b"old"}
 
 
 def test_already_trained_sample_is_skipped_and_acked(rclient, namespace):
@@ -71,7 +93,7 @@ def test_reclaim_from_a_dead_consumer(rclient, namespace):
     taken = stream.reclaim("trainer-new", min_idle_ms=10)
     assert sorted(_ids(taken)) == [f"r{i}" for i in range(4)]
     stream.commit(taken)
-    assert stream.read("trainer-dead", count=10) == []  # nothing left for the dead name
+    assert stream.recover("trainer-dead") == []  # nothing left for the dead name
 
 
 def test_namespaces_do_not_mix(rclient, namespace):
@@ -108,7 +130,8 @@ def test_embedded_redis_persists_across_restart(tmp_path: Path):
     assert pid is not None
     with EmbeddedRedis(data) as server:
         stream = TrainingStream(connect(server.url), "persist")
-        assert _ids(stream.read("t", count=5)) == ["p1", "p2"]
+        assert _ids(stream.recover("t")) == ["p1"]
+        assert _ids(stream.read("t", count=5)) == ["p2"]
 
 
 def test_embedded_redis_long_path_uses_loopback_tcp(tmp_path: Path):
