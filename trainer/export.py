@@ -117,6 +117,14 @@ def checkpoint_state_dict(
     return dict(revert_weight_conversion(model, sd))
 
 
+def _owning(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if it covers its whole storage, else a compact copy: safetensors refuses
+    partial views (e.g. one expert's slice of a fused expert tensor)."""
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _single_shard_to_indexed(directory: Path) -> None:
     """huggingface_hub writes ``model.safetensors`` for one shard; give it the indexed name."""
     single = directory / "model.safetensors"
@@ -180,7 +188,7 @@ def write_hf_checkpoint(
         for src in (source_dir, tokenizer_dir):
             if src is not None:
                 _copy_source_files(Path(src), tmp)
-        cpu = {k: v.detach().to("cpu") for k, v in state_dict.items()}
+        cpu = {k: _owning(v.detach().to("cpu")) for k, v in state_dict.items()}
         save_torch_state_dict(
             cpu,
             tmp,
