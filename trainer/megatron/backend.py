@@ -313,7 +313,7 @@ class MegatronTrainer:
 
     # ------------------------------------------------------------------ batches
 
-    def _to_batch(self, mb: MicroBatch) -> _Batch:
+    def _to_batch(self, mb: MicroBatch, run_tokens: int | None = None) -> _Batch:
         if not isinstance(mb, MicroBatch):
             raise ValueError(
                 f"forward_backward expects MicroBatch records, got {type(mb).__name__}"
@@ -345,9 +345,10 @@ class MegatronTrainer:
 
         mask_BT = np.zeros((B, T), dtype=bool)
         mask_BT[seq_N[rows], pos_N[rows]] = True
-        # Sequence parallelism splits the token row over TP ranks: pad it with one extra
-        # sequence (never scored, never routed from a recording) to a multiple of TP.
-        pad = (-N) % self.par.tp
+        # The row runs as ``run_tokens`` tokens (see ``_run_lengths``): the real ones, then one
+        # padding sequence that is never scored and whose route rows are never measured.
+        run = N if run_tokens is None else run_tokens
+        pad = run - N
         tokens = np.concatenate([mb.tokens_N.astype(np.int64), np.zeros(pad, np.int64)])
         cu_run = np.concatenate([cu, [N + pad]]) if pad else cu
         agree_N = np.zeros(N + pad, dtype=bool)
@@ -357,7 +358,9 @@ class MegatronTrainer:
         if mb.routes_NLk is not None:
             r = self._moe_routes(mb.routes_NLk)
             if pad:
-                r = np.concatenate([r, np.zeros((pad, *r.shape[1:]), r.dtype)])
+                # Distinct ids per row, like any top-k choice (expert 0, 1, ..., k-1).
+                fill = np.broadcast_to(np.arange(r.shape[2], dtype=r.dtype), (pad, *r.shape[1:]))
+                r = np.concatenate([r, fill])
             routes = torch.from_numpy(r.astype(np.int64)).to(dev)
         return _Batch(
             tokens_N=torch.from_numpy(tokens).to(dev),
@@ -375,6 +378,28 @@ class MegatronTrainer:
             starts_B=torch.from_numpy(cu[:-1]).to(dev),
             domains=mb.domains,
         )
+
+    def _run_lengths(self, micro_batches: Sequence[MicroBatch]) -> list[int]:
+        """Token count each micro-batch runs with: a multiple of TP (sequence parallelism
+        splits the row), and with the allgather token dispatcher the largest count among the
+        expert-parallel ranks (it gathers equal-sized token blocks; the all-to-all dispatcher
+        used on GPUs does not need this)."""
+        lengths = [mb.num_tokens for mb in micro_batches]
+        if self.tconfig.moe_token_dispatcher_type == "allgather" and self.par.ep > 1:
+            t = torch.tensor(lengths, dtype=torch.int64, device=self.device)
+            n = torch.tensor([len(lengths)], dtype=torch.int64, device=self.device)
+            counts = torch.stack([n, -n])
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=self._ep_group)
+            if int(counts[0]) != -int(counts[1]):
+                raise ValueError(
+                    f"expert-parallel ranks got different numbers of micro-batches "
+                    f"({len(lengths)} here); every rank must run the same number "
+                    "(mopd.packing.pack_micro_batches(dp_size=...) guarantees it)"
+                )
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._ep_group)
+            lengths = t.tolist()
+        tp = self.par.tp
+        return [-(-n // tp) * tp for n in lengths]
 
     def _moe_routes(self, routes_NLk: np.ndarray) -> np.ndarray:
         """Routes of the MoE layers: [N, L_moe, k] as given, or the MoE rows of a route array
@@ -478,9 +503,10 @@ class MegatronTrainer:
         float32 [N] per micro-batch: entry i is log p(tokens_N[i] | its sequence before i);
         0 at the first token of every sequence.
         """
+        micro_batches = list(micro_batches)
         out = []
-        for mb in micro_batches:
-            b = self._to_batch(mb)
+        for mb, run in zip(micro_batches, self._run_lengths(micro_batches), strict=True):
+            b = self._to_batch(mb, run)
             self._bind_routes(b)
             try:
                 logits_NV = self._logits(b)
@@ -535,8 +561,8 @@ class MegatronTrainer:
         denom = max(denom, 1.0)
         m = _Metrics()
         agree = [0.0, 0.0]
-        for mb in micro_batches:
-            b = self._to_batch(mb)
+        for mb, run in zip(micro_batches, self._run_lengths(micro_batches), strict=True):
+            b = self._to_batch(mb, run)
             self._bind_routes(b)
             try:
                 logits_NV = self._logits(b)

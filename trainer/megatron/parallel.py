@@ -8,8 +8,10 @@ in a plain ``python`` process or a test.
 Layout: ``world = tensor_parallel * pipeline_parallel * data_parallel``. Experts are split
 ``expert_parallel`` ways across the tensor x data ranks (expert tensor parallelism is 1: an
 expert's weights are never split, as in DeepSeek-V3 / MiMo deployments), so
-``expert_parallel`` must divide ``tensor_parallel * data_parallel``. Pipeline parallelism is
-not supported by this backend.
+``expert_parallel`` must divide ``tensor_parallel * data_parallel`` and be a multiple of
+``tensor_parallel`` (the TP ranks, which hold different token slices under sequence
+parallelism, must exchange tokens through the expert dispatcher). Pipeline parallelism is not
+supported by this backend.
 
 Backends: NCCL on CUDA machines, gloo otherwise (with ``trainer.megatron.cpu_compat``).
 """
@@ -72,6 +74,16 @@ def _check_layout(cfg: TrainerConfig, world_size: int) -> None:
         raise ValueError(
             f"trainer.expert_parallel={cfg.expert_parallel} must divide tensor_parallel * "
             f"data_parallel = {cfg.tensor_parallel * cfg.data_parallel}"
+        )
+    if cfg.expert_parallel % cfg.tensor_parallel:
+        # Sequence parallelism gives each TP rank a slice of the tokens; an expert sees all of
+        # them only if the TP ranks exchange tokens through the expert-parallel dispatcher.
+        # (With experts replicated over TP ranks, Megatron would neither gather the tokens nor
+        # reduce the expert gradients over those ranks.)
+        raise ValueError(
+            f"trainer.expert_parallel={cfg.expert_parallel} must be a multiple of "
+            f"tensor_parallel={cfg.tensor_parallel}: experts are split by expert parallelism "
+            "only, never by tensor parallelism"
         )
 
 
@@ -147,11 +159,12 @@ def init_parallel(
     )
 
 
-def destroy_parallel() -> None:
-    """Tear down Megatron's groups and the default process group (safe to call twice)."""
+def destroy_parallel(*, keep_process_group: bool = False) -> None:
+    """Tear down Megatron's groups and, unless ``keep_process_group``, the default process
+    group (safe to call twice). Keeping it lets a process re-initialise another layout."""
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and not keep_process_group:
         dist.destroy_process_group()
