@@ -315,6 +315,8 @@ class TorchTrainer:
                 device = "cpu"
         self.device = torch.device(device)
         if self.device.type == "cuda":
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         self.compute_dtype = resolve_dtype(trainer_cfg.dtype, self.device)
         if self.compute_dtype == torch.float16:
