@@ -11,6 +11,7 @@ properties.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,10 @@ class TrainerActor:
 
     def version(self) -> int:
         return self._trainer.version
+
+    def pid(self) -> int:
+        """The actor's process id (runs record it to stop or fault-test the trainer by pid)."""
+        return os.getpid()
 
     def forward_backward(self, micro_batches: Sequence[MicroBatch]) -> dict[str, float]:
         return self._trainer.forward_backward(micro_batches)
