@@ -6,7 +6,8 @@ Every writer (the torch backend, the Megatron backend, weight export) follows on
 1. ``begin(final)`` makes an empty hidden sibling ``.<name>.tmp-<token>`` of the final
    directory (same file system, so the rename in step 3 is atomic).
 2. The writer puts its files there (any layout, any number of processes; multi-rank writers
-   agree on ``token`` beforehand so they all write into the same temp directory).
+   agree on ``token`` beforehand, one rank calls ``begin`` and the others find the directory
+   with ``temp_path(final, token)`` after a barrier).
 3. ``commit(tmp, final, meta)`` fsyncs every file, writes the ``COMMITTED`` marker (JSON:
    ``meta`` plus a timestamp) *last*, fsyncs it and the directory, renames the temp directory
    to its final name and fsyncs the parent. An existing ``final`` is replaced: it is moved
@@ -45,6 +46,7 @@ __all__ = [
     "list_checkpoints",
     "read_marker",
     "require_committed",
+    "temp_path",
 ]
 
 COMMITTED = "COMMITTED"
@@ -119,17 +121,25 @@ def _fsync_tree(root: Path) -> None:
         _fsync_path(Path(dirpath))
 
 
+def temp_path(final: str | Path, token: str) -> Path:
+    """Where ``begin(final, token)`` puts the temp directory (ranks other than the one that
+    calls ``begin`` use it to find the directory they write into)."""
+    final = Path(final)
+    if final.name in ("", ".", ".."):
+        raise ValueError(f"{final} is not a usable checkpoint directory name")
+    return final.parent / f".{final.name}.tmp-{token}"
+
+
 def begin(final: str | Path, token: str | None = None) -> Path:
     """Create (empty) and return the temp directory that will become ``final`` on commit.
 
     ``token`` names the temp directory; writers in several processes pass the same token
-    (e.g. broadcast from rank 0). A stale temp directory of the same name is removed.
+    (e.g. broadcast from rank 0) and find it with ``temp_path``. A stale temp directory of
+    the same name is removed.
     """
     final = Path(final)
-    if final.name in ("", ".", ".."):
-        raise ValueError(f"{final} is not a usable checkpoint directory name")
+    tmp = temp_path(final, token or uuid.uuid4().hex)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{token or uuid.uuid4().hex}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()

@@ -589,17 +589,22 @@ class TorchTrainer:
 
     # ------------------------------------------------------------------ state
 
-    def _full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _full_model_state(self) -> dict[str, torch.Tensor]:
+        """Unsharded CPU copy of the model state (collective; complete on rank 0 only)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self._hf_model, options=opts)
+
+    def _full_optimizer_state(self) -> dict[str, Any]:
+        """Unsharded CPU copy of the AdamW state keyed by parameter name (collective)."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
-            get_model_state_dict,
             get_optimizer_state_dict,
         )
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd = get_model_state_dict(self._hf_model, options=opts)
-        optim_sd = get_optimizer_state_dict(self._hf_model, self.optimizer, options=opts)
-        return model_sd, optim_sd
+        return get_optimizer_state_dict(self._hf_model, self.optimizer, options=opts)
 
     def _barrier(self) -> None:
         if self._world > 1:
@@ -616,11 +621,12 @@ class TorchTrainer:
     def save(self, path: str | Path) -> Path:
         """Write a checkpoint into directory ``path`` atomically (see the module docstring)."""
         path = Path(path)
-        model_sd, optim_sd = self._full_state()  # collective: every rank takes part
+        model_sd = self._full_model_state()  # collectives: every rank takes part
+        optim_sd = self._full_optimizer_state()
         token = self._shared_token()
-        tmp = path.parent / f".{path.name}.tmp-{token}"
+        tmp = ckpt.temp_path(path, token)
         if self._rank == 0:
-            tmp = ckpt.begin(path, token)
+            ckpt.begin(path, token)
         self._barrier()
         try:
             if self._rank == 0:
@@ -683,7 +689,7 @@ class TorchTrainer:
     def export_weights(self, path: str | Path, version: int) -> Path:
         """Write HF safetensors (model.dtype precision) + config + tokenizer to ``path``."""
         path = Path(path)
-        model_sd, _ = self._full_state() if self._world > 1 else (None, None)
+        model_sd = self._full_model_state() if self._world > 1 else None
         if self._rank == 0:
             tokenizer = self.model_cfg.tokenizer_path
             export_hf_checkpoint(

@@ -3,7 +3,8 @@
 Each rank trains on its share of ``pack_micro_batches(..., dp_size=2)``; one process trains on
 all the micro-batches. After one step the weights (read back from the DP run's checkpoint,
 gathered from the shards) and the step loss agree, so the cross-rank loss weighting and the
-gradient reduction are exact. Run as a script, this file is the per-rank worker.
+gradient reduction are exact; fresh sharded trainers loading that checkpoint compute the
+same next loss. Run as a script, this file is the per-rank worker.
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ def _worker(model_path: str, out: str) -> None:
     metrics |= trainer.optim_step()
     trainer.save(Path(out) / "ckpt")
     trainer.export_weights(Path(out) / "export", trainer.version)
+    # Resume on fresh sharded trainers: the next step matches the uninterrupted one.
+    resumed = TorchTrainer(
+        TrainerConfig(**CFG), ModelConfig(path=model_path), AlgorithmConfig(), device="cpu"
+    )
+    resumed.load(Path(out) / "ckpt")
+    nxt = [trainer.forward_backward(per_rank[rank])["loss"]]
+    nxt.append(resumed.forward_backward(per_rank[rank])["loss"])
+    metrics["next_loss"], metrics["next_loss_resumed"] = nxt
     if rank == 0:
         (Path(out) / "metrics.json").write_text(json.dumps(metrics))
     dist.destroy_process_group()
@@ -86,6 +95,8 @@ def test_fsdp_two_ranks_equal_one_process(tiny_models, make_trainer, tmp_path):
     metrics |= single.optim_step()
 
     assert abs(dp_metrics["loss"] - metrics["loss"]) < 1e-6
+    assert dp_metrics["next_loss_resumed"] == dp_metrics["next_loss"]
+    assert dp_metrics["next_loss"] != dp_metrics["loss"]
     for key in ("num_tokens", "num_samples", "tokens"):
         assert dp_metrics[key] == metrics[key]
     assert abs(dp_metrics["grad_norm"] - metrics["grad_norm"]) < 1e-5
