@@ -229,6 +229,20 @@ def _mimo_layout(cfg: dict[str, Any]) -> ModelLayout:
             raise ValueError(f"HF config mlp_layer_types[{i}]={t!r}: expected dense or sparse")
     n_group = int(cfg.get("n_group") or 1)
     topk_group = int(cfg.get("topk_group") or 1)
+    if n_group != topk_group:
+        # HF ranks groups by the sum of their top-2 scores; Megatron's group-limited top-k
+        # does so only when topk / group_topk == 2, so groups are accepted only when the
+        # selection keeps every group (the released MiMo-V2-Flash: n_group = topk_group = 1).
+        raise ValueError(
+            f"HF config n_group={n_group}, topk_group={topk_group}: group-limited routing is "
+            "not supported by the Megatron backend"
+        )
+    topk = int(_need(cfg, "num_experts_per_tok"))
+    if not cfg.get("norm_topk_prob", True) and topk > 1:
+        raise ValueError(
+            "HF config norm_topk_prob=false: Megatron's sigmoid router always renormalises "
+            "the top-k weights; this MiMo variant is not supported by the Megatron backend"
+        )
     return ModelLayout(
         arch="mimo_v2_flash",
         vocab_size=int(_need(cfg, "vocab_size")),
@@ -238,7 +252,7 @@ def _mimo_layout(cfg: dict[str, Any]) -> ModelLayout:
         ffn_hidden_size=int(_need(cfg, "intermediate_size")),
         moe_ffn_hidden_size=int(_need(cfg, "moe_intermediate_size")),
         num_experts=_num_experts(cfg),
-        topk=int(_need(cfg, "num_experts_per_tok")),
+        topk=topk,
         rms_eps=float(cfg.get("rms_norm_eps", 1e-5)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         init_std=float(cfg.get("initializer_range", 0.02)),
@@ -248,23 +262,12 @@ def _mimo_layout(cfg: dict[str, Any]) -> ModelLayout:
         router=RouterLayout(
             score_function="sigmoid",
             expert_bias=True,
-            normalize=bool(cfg.get("norm_topk_prob", True)),
+            normalize=True,
             scaling=float(cfg.get("routed_scaling_factor") or 1.0),
-            # HF's group-limited top-k ranks groups by their top-2 sum; Megatron's does too only
-            # for topk/group_topk == 2, so groups are accepted only when they select everything.
             num_groups=None,
             group_topk=None,
             fp32=True,
-        )
-        if n_group == topk_group
-        else _unsupported_groups(n_group, topk_group),
-    )
-
-
-def _unsupported_groups(n_group: int, topk_group: int) -> RouterLayout:
-    raise ValueError(
-        f"HF config n_group={n_group}, topk_group={topk_group}: group-limited routing is not "
-        "supported by the Megatron backend (MiMo-V2-Flash uses n_group = topk_group = 1)"
+        ),
     )
 
 
