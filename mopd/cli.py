@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from mopd import __version__
 
 EXIT_CONFIG_ERROR = 2
-EXIT_NOT_AVAILABLE = 3
+EXIT_RUN_ERROR = 1
 
 _OVERRIDES_HELP = (
     "config overrides in OmegaConf dot-list syntax, e.g. trainer.lr=1e-5 "
@@ -84,19 +84,24 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mopd.config import save_resolved
+    import logging
+
+    from mopd.driver import RunError, train
 
     run = _load(args)
     if run is None:
         return EXIT_CONFIG_ERROR
-    path = save_resolved(run)
-    print(f"config is valid; resolved config written to {path}")
-    print(
-        "mopd train: the training loop is not part of this release yet (it comes with the "
-        "MOPD loop on Ray); nothing was trained.",
-        file=sys.stderr,
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return EXIT_NOT_AVAILABLE
+    for noisy in ("httpx", "httpcore", "mlflow"):  # one line per request drowns the progress
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        train(run, resume=args.resume)
+    except (RunError, FileNotFoundError) as e:
+        print(f"mopd train: {e}", file=sys.stderr)
+        return EXIT_RUN_ERROR
+    return 0
 
 
 def _cmd_config_docs(args: argparse.Namespace) -> int:

@@ -75,16 +75,6 @@ def test_validate_reports_cross_field_problems_with_overrides():
     assert "algorithm.eps_low" in out.stderr and "algorithm.alpha" in out.stderr
 
 
-def test_train_validates_and_writes_resolved_config(tmp_path: Path):
-    out = mopd("train", str(REPO / "configs" / "quickstart.yaml"), f"run.output_dir={tmp_path}/out")
-    written = tmp_path / "out" / "resolved_config.yaml"
-    assert written.is_file()
-    assert yaml.safe_load(written.read_text())["run"]["output_dir"] == f"{tmp_path}/out"
-    # The loop is not in this release: train says so and fails rather than pretending.
-    assert out.returncode == 3
-    assert "nothing was trained" in out.stderr
-
-
 def test_train_refuses_invalid_config_before_writing(tmp_path: Path):
     out = mopd(
         "train",

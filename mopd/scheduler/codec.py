@@ -62,7 +62,8 @@ def _ext_hook(code: int, data: bytes) -> Any:
     expected = int(np.prod(shape)) if shape else 1
     if arr.size != expected:
         raise CodecError(f"array payload has {arr.size} items for shape {shape}")
-    return arr.reshape(shape)
+    # A copy: the payload buffer is read-only, and torch.from_numpy wants writable memory.
+    return arr.reshape(shape).copy()
 
 
 def _object_hook(obj: dict[str, Any]) -> Any:
