@@ -2,7 +2,8 @@
 
 Each rank runs the Megatron trainer on its share of ``pack_micro_batches(..., dp_size=2)``,
 first with data parallel 2 (dense and expert weights replicated), then with expert parallel 2
-(each rank holds half the experts; tokens travel through Megatron's allgather dispatcher). One
+(each rank holds half the experts; tokens travel through Megatron's allgather dispatcher; the
+grouped-GEMM experts), then tensor parallel 2 with sequence parallelism and expert parallel 2. One
 torch-backend process trains on all the micro-batches. Per-token log-probs, the step loss, the
 grad norm, the loss after one AdamW step and the exported weights after it must agree, so the
 model, the cross-rank loss weighting, Megatron's gradient reduction and optimizer, and the
@@ -34,6 +35,8 @@ LAYOUTS = {
     "ep2": {"data_parallel": 2, "expert_parallel": 2},
     "tp2_ep2": {"tensor_parallel": 2, "expert_parallel": 2},
 }
+# Expert implementation per layout: Megatron's SequentialMLP, or the grouped-GEMM experts.
+EXPERTS = {"dp2": "sequential", "ep2": "grouped", "tp2_ep2": "sequential"}
 # 8 heads, 2 KV heads in global layers and 4 in sliding ones: both split over TP 2, with GQA.
 MODEL = {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 16, "v_head_dim": 8}
 
@@ -64,6 +67,7 @@ def _worker(model_path: str, out: str) -> None:
             TrainerConfig(backend="megatron", **CFG, **layout),
             ModelConfig(path=model_path),
             AlgorithmConfig(),
+            experts=EXPERTS[name],
         )
         logp = [x.tolist() for x in trainer.compute_logprobs(mine)]
         step = trainer.forward_backward(mine)

@@ -33,13 +33,14 @@ def world():
 def make_megatron(world):
     from trainer.megatron.backend import MegatronTrainer
 
-    def make(path, *, algorithm=None, model_dtype="auto", recompute=False, **cfg):
+    def make(path, *, algorithm=None, model_dtype="auto", recompute=False, experts="auto", **cfg):
         cfg.setdefault("lr", 1e-3)
         return MegatronTrainer(
             TrainerConfig(backend="megatron", **cfg),
             ModelConfig(path=str(path), dtype=model_dtype),
             algorithm or AlgorithmConfig(),
             recompute=recompute,
+            experts=experts,
         )
 
     return make
@@ -66,14 +67,18 @@ class RouterChoices:
             h.remove()
 
 
-@pytest.mark.parametrize("arch", ["mimo_v2_flash", "qwen3_moe"])
-def test_same_numbers_as_the_torch_backend(tiny_models, make_trainer, make_megatron, arch):
+@pytest.mark.parametrize(
+    ("arch", "experts"),
+    [("mimo_v2_flash", "sequential"), ("mimo_v2_flash", "grouped"), ("qwen3_moe", "sequential")],
+)
+def test_same_numbers_as_the_torch_backend(tiny_models, make_trainer, make_megatron, arch, experts):
     """Log-probs, every metric, the grad norm and the loss after an AdamW step."""
     path = tiny_models[arch]
     samples = make_samples(load_hf(path), 6, seed=1)
     mbs = [build_micro_batch(samples[:3]), build_micro_batch(samples[3:])]
     ref = make_trainer(path)
-    ours = make_megatron(path)
+    ours = make_megatron(path, experts=experts)
+    assert ours.experts == experts
     for a, b in zip(ours.compute_logprobs(mbs), ref.compute_logprobs(mbs)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     got, want = ours.forward_backward(mbs), ref.forward_backward(mbs)

@@ -170,6 +170,8 @@ class MegatronTrainer:
         algorithm_cfg: the loss and its knobs.
         seed: seeds every RNG; identical on all ranks so data-parallel replicas start alike.
         recompute: full activation recompute of every decoder layer (R3 replays the same ids).
+        experts: ``sequential`` (Megatron's SequentialMLP), ``grouped`` (``GroupedExperts``,
+            grouped GEMMs) or ``auto`` (grouped on CUDA machines, sequential elsewhere).
         export_max_shard_size: largest safetensors shard written by ``export_weights``.
     """
 
@@ -181,6 +183,7 @@ class MegatronTrainer:
         *,
         seed: int = 0,
         recompute: bool = False,
+        experts: str = "auto",
         export_max_shard_size: int | str = "5GB",
     ) -> None:
         from megatron.core import parallel_state as ps
@@ -230,7 +233,11 @@ class MegatronTrainer:
             routing_replay=True,  # RouterReplay also records own routes when R3 is off
             recompute=recompute,
         )
-        gpt = mmodel.build_gpt_model(self.layout, self.tconfig)
+        if experts == "auto":
+            grouped = self.device.type == "cuda" and hasattr(torch, "_grouped_mm")
+            experts = "grouped" if grouped else "sequential"
+        self.experts = experts
+        gpt = mmodel.build_gpt_model(self.layout, self.tconfig, experts=experts)
         convert.load_hf(
             gpt,
             convert.read_hf_checkpoint(path),

@@ -45,6 +45,9 @@ Tensors = Mapping[str, torch.Tensor]
 
 _LAYER = "decoder.layers.{i}."
 _EXPERT = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
+# GroupedExperts keeps a layer's local experts stacked: weight1 = fc1s, weight2 = fc2s.
+_GROUPED = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.)weight([12])$")
+_FC_OF = {"1": "linear_fc1.weight", "2": "linear_fc2.weight"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +320,9 @@ def load_hf(
     ep_rank: int,
     ep: int,
 ) -> None:
-    """Copy an HF checkpoint into this rank's ``model`` (strict: every local tensor is set)."""
+    """Copy an HF checkpoint into this rank's ``model`` (strict: every local tensor is set).
+
+    Works with either expert layout (Megatron's SequentialMLP or ``GroupedExperts``)."""
     local = model.state_dict()
     seen: set[str] = set()
     with torch.no_grad():
@@ -326,6 +331,14 @@ def load_hf(
             if placed is None:
                 continue
             lname, tensor = placed
+            m = _EXPERT.match(lname)
+            if m and lname not in local:
+                fc = "1" if m.group(3) == ".linear_fc1.weight" else "2"
+                stacked = m.group(1).removesuffix("local_experts.") + "weight" + fc
+                if stacked in local:
+                    local[stacked][int(m.group(2))].copy_(tensor.to(local[stacked].dtype))
+                    seen.add(f"{stacked}[{m.group(2)}]")
+                    continue
             if lname not in local:
                 raise KeyError(f"Megatron model has no parameter {lname!r} (converted from HF)")
             target = local[lname]
@@ -335,6 +348,9 @@ def load_hf(
                 )
             target.copy_(tensor.to(target.dtype))
             seen.add(lname)
+    for k, v in local.items():  # stacked experts count as set when every slot was
+        if _GROUPED.match(k) and all(f"{k}[{j}]" in seen for j in range(v.shape[0])):
+            seen.add(k)
     missing = [k for k in local if k not in seen and not k.endswith("_extra_state")]
     if missing:
         raise KeyError(f"the HF checkpoint left these Megatron tensors unset: {missing}")
@@ -364,6 +380,14 @@ def gather_hf(
         if name.endswith("local_tokens_per_expert"):
             continue
         local = local.detach().contiguous()
+        g = _GROUPED.match(name)
+        if g:  # stacked experts [E_local, ...]: gather over EP, then one name per expert
+            pieces = [torch.empty_like(local) for _ in range(ep)]
+            dist.all_gather(pieces, local, group=ep_group)
+            stacked = torch.cat([p.cpu() for p in pieces], dim=0)
+            for j in range(stacked.shape[0]):
+                full[f"{g.group(1)}local_experts.{j}.{_FC_OF[g.group(2)]}"] = stacked[j]
+            continue
         m = _EXPERT.match(name)
         if m:
             pieces = [torch.empty_like(local) for _ in range(ep)]

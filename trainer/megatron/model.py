@@ -58,7 +58,10 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
 __all__ = [
+    "EXPERT_IMPLS",
+    "AgreementRouterReplay",
     "AttentionLayout",
+    "GroupedExperts",
     "HybridSelfAttention",
     "ModelLayout",
     "PackedCoreAttention",
@@ -66,8 +69,10 @@ __all__ = [
     "ReplayTopKRouter",
     "RouterLayout",
     "build_gpt_model",
+    "layer_specs",
     "layout_from_hf",
     "packed_forward",
+    "padded_vocab_size",
     "replay_routers",
     "transformer_config",
 ]
@@ -731,13 +736,69 @@ class ReplayTopKRouter(TopKRouter):
         return F.linear(input.to(dtype), self.weight.to(dtype), bias)
 
 
+class GroupedExperts(torch.nn.Module):
+    """All local experts of one MoE layer as two stacked weights, run by ``torch._grouped_mm``.
+
+    Megatron's experts interface (``num_local_experts, config, pg_collection``; forward on the
+    dispatcher's expert-sorted tokens) with the math of its ``SequentialMLP`` of GLU MLPs:
+    ``fc2(silu(gate) * up * prob)`` per token, but one grouped GEMM per projection instead of a
+    Python loop over experts (on H100/H200 the bf16 grouped GEMM kernels of torch; on CPU an
+    fp32 reference implementation).
+
+    weight1 [E_local, 2 * I, H]: rows [gate; up] of each expert (HF gate_proj, up_proj)
+    weight2 [E_local, H, I]:     each expert's down projection (HF down_proj)
+    """
+
+    def __init__(
+        self, num_local_experts: int, config: Any, submodules: Any = None, pg_collection: Any = None
+    ) -> None:
+        super().__init__()
+        if not hasattr(torch, "_grouped_mm"):
+            raise RuntimeError("GroupedExperts needs torch._grouped_mm (torch >= 2.8)")
+        self.config = config
+        E, H, In = num_local_experts, config.hidden_size, config.moe_ffn_hidden_size
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        kw = dict(dtype=config.params_dtype, device=device)
+        self.weight1 = torch.nn.Parameter(torch.empty(E, 2 * In, H, **kw))
+        self.weight2 = torch.nn.Parameter(torch.empty(E, H, In, **kw))
+        if config.perform_initialization:
+            with torch.no_grad():
+                config.init_method(self.weight1)
+                config.output_layer_init_method(self.weight2)
+        # Megatron's convention for expert weights: reduced over the expert-data-parallel
+        # group by DDP (not the data-parallel one) when experts are split over EP ranks.
+        expert_parallel = config.expert_model_parallel_size > 1
+        for w in (self.weight1, self.weight2):
+            w.allreduce = not expert_parallel  # type: ignore[attr-defined]
+
+    def forward(
+        self, tokens_TH: torch.Tensor, tokens_per_expert: torch.Tensor, probs_T: torch.Tensor
+    ) -> tuple[torch.Tensor, None]:
+        counts = torch.as_tensor(tokens_per_expert, device=tokens_TH.device)
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        h = torch._grouped_mm(tokens_TH, self.weight1.transpose(1, 2), offs=offs)
+        gate, up = h.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+        h = (h * probs_T.unsqueeze(-1)).to(tokens_TH.dtype)
+        return torch._grouped_mm(h, self.weight2.transpose(1, 2), offs=offs), None
+
+
 # ---------------------------------------------------------------------------------------------
 # Specs and model
 # ---------------------------------------------------------------------------------------------
 
 
-def layer_specs(layout: ModelLayout) -> Any:
-    """One Megatron ``TransformerLayer`` spec per decoder layer."""
+EXPERT_IMPLS = ("sequential", "grouped")
+
+
+def layer_specs(layout: ModelLayout, experts: str = "sequential") -> Any:
+    """One Megatron ``TransformerLayer`` spec per decoder layer.
+
+    ``experts``: ``sequential`` (Megatron's SequentialMLP, a loop over local experts) or
+    ``grouped`` (``GroupedExperts``: two grouped GEMMs per layer; same math).
+    """
+    if experts not in EXPERT_IMPLS:
+        raise ValueError(f"experts={experts!r}; accepted values: {', '.join(EXPERT_IMPLS)}")
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttentionSubmodules
@@ -757,7 +818,9 @@ def layer_specs(layout: ModelLayout) -> Any:
     moe = ModuleSpec(
         module=MoELayer,
         submodules=MoESubmodules(
-            experts=ModuleSpec(module=SequentialMLP, submodules=mlp_sub),
+            experts=ModuleSpec(module=SequentialMLP, submodules=mlp_sub)
+            if experts == "sequential"
+            else ModuleSpec(module=GroupedExperts),
             router=ReplayTopKRouter,
         ),
     )
@@ -795,7 +858,7 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int) -> int:
     return int(math.ceil(vocab_size / tensor_parallel) * tensor_parallel)
 
 
-def build_gpt_model(layout: ModelLayout, config: Any) -> Any:
+def build_gpt_model(layout: ModelLayout, config: Any, *, experts: str = "sequential") -> Any:
     """A Megatron ``GPTModel`` for ``layout`` (random weights; load HF ones with ``convert``).
 
     Positions are handled per layer (``position_embedding_type='none'`` at the model level);
@@ -805,7 +868,7 @@ def build_gpt_model(layout: ModelLayout, config: Any) -> Any:
 
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_specs(layout),
+        transformer_layer_spec=layer_specs(layout, experts),
         vocab_size=padded_vocab_size(layout.vocab_size, config.tensor_model_parallel_size),
         max_sequence_length=layout.max_positions,
         pre_process=True,
@@ -814,7 +877,8 @@ def build_gpt_model(layout: ModelLayout, config: Any) -> Any:
         share_embeddings_and_output_weights=layout.tie_embeddings,
         position_embedding_type="none",
     )
-    if torch.cuda.is_available() and config.use_cpu_initialization:
+    if torch.cuda.is_available():
+        # Also moves what Megatron always creates on the CPU (the router weights).
         model.cuda(torch.cuda.current_device())
     return model
 
