@@ -238,6 +238,14 @@ class MegatronTrainer:
             experts = "grouped" if grouped else "sequential"
         self.experts = experts
         gpt = mmodel.build_gpt_model(self.layout, self.tconfig, experts=experts)
+        module: torch.nn.Module = gpt
+        if self.compute_dtype != torch.float32:
+            module = Float16Module(self.tconfig, gpt)  # casts every weight to bf16
+            if self.layout.router is not None and self.layout.router.fp32:
+                # HF (and the rollout engines) keep MiMo's router in fp32: so does the trainer.
+                for sub in gpt.modules():
+                    if isinstance(sub, mmodel.ReplayTopKRouter):
+                        sub.weight.data = sub.weight.data.float()
         convert.load_hf(
             gpt,
             convert.read_hf_checkpoint(path),
@@ -254,9 +262,6 @@ class MegatronTrainer:
                 f"found {len(self._replays)} router replays for "
                 f"{len(self.layout.moe_layer_ids)} MoE layers"
             )
-        module: torch.nn.Module = gpt
-        if self.compute_dtype != torch.float32:
-            module = Float16Module(self.tconfig, gpt)
         use_dist_opt = False
         self.model = DistributedDataParallel(
             config=self.tconfig,

@@ -536,25 +536,25 @@ class PackedCoreAttention(torch.nn.Module):
 
     def _attend(self, q_Shd: torch.Tensor, k_Sgd: torch.Tensor, v_Sge: torch.Tensor):
         """One sequence: q [S, h, d], k [S, g, d], v [S, g, e] -> [S, h * e]."""
-        S = q_Shd.shape[0]
-        rep = self.num_heads // self.num_groups
-        q = q_Shd.transpose(0, 1)
-        k = k_Sgd.transpose(0, 1).repeat_interleave(rep, dim=0)
-        v = v_Sge.transpose(0, 1).repeat_interleave(rep, dim=0)
+        S, h = q_Shd.shape[0], self.num_heads
+        rep = h // self.num_groups
+        # [1, h, S, d]: the 4-D layout the fused SDPA kernels take.
+        q = q_Shd.transpose(0, 1)[None]
+        k = k_Sgd.transpose(0, 1).repeat_interleave(rep, dim=0)[None]
+        v = v_Sge.transpose(0, 1).repeat_interleave(rep, dim=0)[None]
         if self.sinks is None and self.layout.window is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
-            bias = _window_bias(S, self.layout.window, q.device, q.dtype).expand(q.shape[0], S, S)
+            bias = _window_bias(S, self.layout.window, q.device, q.dtype)[None, None]
             if self.sinks is not None:
                 # The sink: one more key whose logit is sink_h for every query and whose value
                 # is 0, so it only enlarges the softmax denominator.
-                h = q.shape[0]
-                k = torch.cat([k, k.new_zeros(h, 1, k.shape[-1])], dim=1)
-                v = torch.cat([v, v.new_zeros(h, 1, v.shape[-1])], dim=1)
-                sink = self.sinks.to(q.dtype).view(h, 1, 1).expand(h, S, 1)
-                bias = torch.cat([bias, sink], dim=-1)
+                k = torch.cat([k, k.new_zeros(1, h, 1, k.shape[-1])], dim=2)
+                v = torch.cat([v, v.new_zeros(1, h, 1, v.shape[-1])], dim=2)
+                sink = self.sinks.to(q.dtype).view(1, h, 1, 1).expand(1, h, S, 1)
+                bias = torch.cat([bias.expand(1, h, S, S), sink], dim=-1)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.softmax_scale)
-        return o.transpose(0, 1).reshape(S, -1)
+        return o[0].transpose(0, 1).reshape(S, -1)
 
     def forward(
         self,
@@ -771,16 +771,34 @@ class GroupedExperts(torch.nn.Module):
         for w in (self.weight1, self.weight2):
             w.allreduce = not expert_parallel  # type: ignore[attr-defined]
 
+    # torch's bf16 grouped GEMM wants every group's row count to be a multiple of 8 (and no
+    # empty group); each expert's tokens are padded to that with zero rows.
+    ALIGN = 8
+
     def forward(
         self, tokens_TH: torch.Tensor, tokens_per_expert: torch.Tensor, probs_T: torch.Tensor
     ) -> tuple[torch.Tensor, None]:
-        counts = torch.as_tensor(tokens_per_expert, device=tokens_TH.device)
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        h = torch._grouped_mm(tokens_TH, self.weight1.transpose(1, 2), offs=offs)
+        dev = tokens_TH.device
+        counts = torch.as_tensor(tokens_per_expert).to("cpu", torch.int64)
+        padded = ((counts + self.ALIGN - 1) // self.ALIGN * self.ALIGN).clamp_min(self.ALIGN)
+        start_real = torch.cumsum(counts, 0) - counts
+        start_pad = torch.cumsum(padded, 0) - padded
+        T = int(counts.sum())
+        # Row of each (expert-sorted) token in the padded layout.
+        rows_T = (
+            torch.arange(T)
+            - torch.repeat_interleave(start_real, counts)
+            + torch.repeat_interleave(start_pad, counts)
+        ).to(dev)
+        total = int(padded.sum())
+        offs = torch.cumsum(padded, 0).to(device=dev, dtype=torch.int32)
+        x = tokens_TH.new_zeros(total, tokens_TH.shape[-1]).index_copy(0, rows_T, tokens_TH)
+        p = probs_T.new_zeros(total).index_copy(0, rows_T, probs_T)
+        h = torch._grouped_mm(x, self.weight1.transpose(1, 2), offs=offs)
         gate, up = h.chunk(2, dim=-1)
-        h = F.silu(gate) * up
-        h = (h * probs_T.unsqueeze(-1)).to(tokens_TH.dtype)
-        return torch._grouped_mm(h, self.weight2.transpose(1, 2), offs=offs), None
+        h = (F.silu(gate) * up * p.unsqueeze(-1)).to(tokens_TH.dtype)
+        out = torch._grouped_mm(h, self.weight2.transpose(1, 2), offs=offs)
+        return out.index_select(0, rows_T), None
 
 
 # ---------------------------------------------------------------------------------------------
