@@ -262,6 +262,8 @@ class MegatronTrainer:
                 f"found {len(self._replays)} router replays for "
                 f"{len(self.layout.moe_layer_ids)} MoE layers"
             )
+        # The plain Megatron optimizer wrapper (fp32 master weights on every rank): its state
+        # dict saves per rank; the distributed optimizer would need Megatron's own checkpoints.
         use_dist_opt = False
         self.model = DistributedDataParallel(
             config=self.tconfig,
@@ -308,9 +310,6 @@ class MegatronTrainer:
                 f"trainer.tensor_parallel={cfg.tensor_parallel} must divide the model's "
                 f"{lay.num_heads} attention heads"
             )
-
-    def _sub_optimizers(self) -> list[Any]:
-        return list(getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
 
     def _set_lr(self) -> None:
         lr = lr_at(self._version, self.trainer_cfg)

@@ -18,9 +18,23 @@ Rules every shim follows:
 - it is applied only when CUDA is unavailable (``apply_all`` is a no-op on a GPU machine, where
   Megatron runs unpatched).
 
-Config-level choices that keep other CUDA paths out of reach on CPU (allgather token
-dispatcher, ``use_cpu_initialization``, no bias in linear layers, fp32 only) live in
-``trainer.megatron.model.transformer_config`` and are documented there, not patched.
+The other known CUDA assumptions of megatron-core 0.16.1 are kept out of reach by choices,
+not patches:
+
+    torch.cuda.Stream and tensor split sizes    the all-to-all token dispatcher is not used on
+      in the all-to-all token dispatcher        CPU (``moe_token_dispatcher_type="allgather"``,
+                                                model.transformer_config)
+    CUDA weight initialisation                  ``use_cpu_initialization`` on CPU
+    te_general_gemm NameError without           the router's gating is our own plain F.linear
+      Transformer Engine (moe_utils)            (model.ReplayTopKRouter; also needed on GPUs
+                                                without TE)
+    CUDA causal/sliding masks of the local      our own PackedCoreAttention (THD packing)
+      DotProductAttention
+    device='cuda' in grad_scaler, the           fp32 on CPU needs no grad scaler; the backend
+      pipeline schedules, the distributed       runs its own micro-batch loop and the plain
+      optimizer's torch.cuda.*Tensor checks     (non-distributed) optimizer wrapper
+    ranks building different weights            ``torch.manual_seed`` before building
+                                                (parallel.init_parallel)
 
 The ``device='cuda'`` literals are handled by running the affected Megatron functions under a
 ``TorchFunctionMode`` that rewrites a CUDA ``device=`` argument of tensor factories to CPU (and
