@@ -12,16 +12,26 @@ Scheduling (what SGLang's scheduler does, in miniature). One background thread l
   4. retire finished sequences at once, so a long response never holds up a short one.
 
 KV cache. ``SlotKVCache`` is a ``transformers.Cache`` whose layers keep one row (a "slot")
-per running sequence in preallocated buffers ``[S, H_kv, capacity, D]``. Each forward writes
-the new keys/values at each row's own positions and reads the rows it runs on; running
-sequences occupy rows ``0..B-1`` (a retired row is filled by moving the last one in), so a
-decode step reads a plain slice with no copy. Sequences of different lengths share a step
-through an explicit 4-d additive attention mask built from each row's positions, per layer
-type: a causal mask for full-attention layers and a causal band of ``sliding_window`` keys
-for sliding layers (transformers' convention: key j is visible from query i iff
-``i - window < j <= i``). Sliding layers keep every key; the band mask alone restricts them,
-so MiMo-V2-Flash's sink logits (added inside the model's attention) see exactly the keys a
-plain full forward shows them. Tests hold every step to a plain forward of the same tokens.
+per running sequence in preallocated buffers: ``[S, H_kv, capacity, D]`` for full-attention
+layers, a ring ``[S, H_kv, W, D]`` (position p at slot ``p % W``) for sliding-window layers of
+window W. Running sequences occupy rows ``0..B-1`` (a retired row is filled by moving the last
+one in), so a decode step writes one position per row and reads a plain slice with no copy.
+Prefill rows start empty, so attention reads the forward's own keys, and only the last W keys
+of each row go into a ring. Sequences of different lengths share a step through an explicit
+4-d additive attention mask built from each row's position, per layer type: keys ``0..pos``
+for full-attention layers, the ring slots written so far for sliding layers (transformers'
+convention: key j is visible from query i iff ``i - window < j <= i``; a ring holds exactly
+those keys). MiMo-V2-Flash's sink logits (added inside attention) therefore see exactly the
+keys a plain full forward shows them. For the model types listed in
+``_GROUPED_ATTENTION_MODELS`` attention runs ``grouped_eager_attention`` (eager attention per
+KV head, without copying the cache once per query head). Tests hold every step to a plain
+forward of the same tokens.
+
+Per-step state stays on tensors: each slot's last token, position, generated tokens,
+log-probs and routed experts live in ``_SlotState`` rows that move with the KV rows; Python
+work per step is constant plus the rows that finish (finishing by length is known in advance)
+or need host-side checks (stop strings, top log-probs). Per-row sampling settings are turned
+into tensors once per change of the running set.
 
 Log-probs (matching SGLang's defaults, ``srt/layers/sampler.py`` and the logits processor):
   * output tokens: log-probs under the temperature-scaled distribution ``softmax(z / T)``,
@@ -31,19 +41,22 @@ Log-probs (matching SGLang's defaults, ``srt/layers/sampler.py`` and the logits 
   * input (prompt) tokens: always the raw ``log_softmax(z)``, never temperature-scaled. This
     is what teacher scoring reads (prefill-only: ``max_new_tokens=0``).
 
-Sampling draws, per sequence, from its own ``torch.Generator``: seeded from
-``sampling_seed`` (and the index of the parallel sample, so ``n`` copies differ) when given,
-else from the engine's RNG (``random_seed``). A sequence's samples therefore do not depend
-on what else shares its batch: the same request and seed give the same tokens alone or in a
-crowd. A token is drawn by the exponential race ``argmax(p_i / E_i)``, ``E_i ~ Exp(1)``,
-which samples exactly from ``p``.
+Sampling draws one uniform ``u`` per row and token and takes the first token whose running
+probability sum exceeds ``u`` (inverse CDF over the vocabulary in id order, after the row's own
+truncation), which samples exactly from ``p``. A request with ``sampling_seed`` draws its
+``u`` from its own ``torch.Generator`` (seeded from the seed and the index of the parallel
+sample, so ``n`` copies differ): its tokens do not depend on what else shares its batch, so
+the same request and seed give the same tokens alone or in a crowd. Unseeded requests draw
+from the engine's generator (``random_seed``), one call for the whole batch.
 
 Shape legend:
     B   sequences in a forward (rows of the batch)
     Q   query positions per row in a forward
-    S   KV slots (max running sequences)
-    K   key positions held for a row in this forward (kv length)
-    H   hidden size; V vocabulary; L decoder layers; k experts per token
+    S   KV slots (max running sequences); R rows moved at once
+    K   key positions read for a row in this forward (ring slots for sliding layers)
+    T   positions kept per slot; N picked positions; M stop token ids per row
+    H   hidden size (in attention: query heads; H_kv key/value heads); D head dim
+    V   vocabulary; L decoder layers; k experts per token
 """
 
 from __future__ import annotations
@@ -63,6 +76,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from rollout.routing_capture import RoutingCapture
@@ -285,27 +299,51 @@ class Output:
 
 @dataclasses.dataclass
 class _StepPlan:
-    row0: int  # first slot row of this forward
-    rows_BQ: torch.Tensor  # slot row of every query position
-    pos_BQ: torch.Tensor  # cache position written by every query position
-    kv_len: int  # key positions read per row
+    """Where one forward writes its keys/values and what attention reads back.
+
+    Prefill (``prefill=True``): rows ``row0..row0+B-1`` start empty and run positions
+    ``0..Q-1``, so attention reads this forward's own keys; full-attention layers store all
+    of them, sliding layers only the last ``window`` of each row (``keep_*``). Decode: rows
+    ``0..B-1`` run one position each (``pos_B``); full-attention layers read ``kv_len`` key
+    positions, sliding layers ``ring_len`` ring slots.
+    """
+
+    prefill: bool
+    row0: int = 0
+    rows_B: torch.Tensor | None = None  # decode: 0..B-1
+    pos_B: torch.Tensor | None = None  # decode: the position each row writes
+    ring_B: torch.Tensor | None = None  # decode: the ring slot each row writes (pos % window)
+    kv_len: int = 0
+    ring_len: int = 0
+    keep_rows_N: torch.Tensor | None = None  # prefill: slot row of each key a ring keeps
+    keep_b_N: torch.Tensor | None = None  # prefill: its batch row in this forward
+    keep_q_N: torch.Tensor | None = None  # prefill: its position
+    keep_slot_N: torch.Tensor | None = None  # prefill: its ring slot
 
 
 class _SlotLayer(CacheLayerMixin):
-    """One decoder layer's keys/values: [S, H_kv, capacity, D] buffers, lazily allocated."""
+    """One decoder layer's keys/values, lazily allocated.
+
+    Full attention: ``[S, H_kv, capacity, D]``, key position p at index p. Sliding window
+    ``W``: a ring ``[S, H_kv, W, D]``, key position p at slot ``p % W``; a decode query at
+    position i needs keys ``i-W+1..i``, exactly what the ring holds once i is written.
+    """
 
     is_sliding = False
 
-    def __init__(self, owner: SlotKVCache) -> None:
+    def __init__(self, owner: SlotKVCache, window: int | None = None) -> None:
         super().__init__()
         self.owner = owner
+        self.window = window
+        self.is_sliding = window is not None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        slots, cap = self.owner.num_slots, self.owner.capacity
+        slots = self.owner.num_slots
+        length = self.window if self.window is not None else self.owner.capacity
         self.device = key_states.device
-        self.keys = key_states.new_zeros((slots, key_states.shape[1], cap, key_states.shape[3]))
+        self.keys = key_states.new_zeros((slots, key_states.shape[1], length, key_states.shape[3]))
         self.values = value_states.new_zeros(
-            (slots, value_states.shape[1], cap, value_states.shape[3])
+            (slots, value_states.shape[1], length, value_states.shape[3])
         )
         self.is_initialized = True
 
@@ -313,16 +351,28 @@ class _SlotLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         plan = self.owner.plan
-        # key_states [B, H, Q, D] -> written at [row, :, pos] for every (b, q)
-        self.keys[plan.rows_BQ, :, plan.pos_BQ] = key_states.transpose(1, 2).to(self.keys.dtype)
-        self.values[plan.rows_BQ, :, plan.pos_BQ] = value_states.transpose(1, 2).to(
-            self.values.dtype
-        )
-        rows = slice(plan.row0, plan.row0 + key_states.shape[0])
-        return self.keys[rows, :, : plan.kv_len], self.values[rows, :, : plan.kv_len]
+        keys_BHQD = key_states.to(self.keys.dtype)
+        values_BHQD = value_states.to(self.values.dtype)
+        if plan.prefill:
+            batch, _, q_len, _ = key_states.shape
+            if self.window is None:
+                rows = slice(plan.row0, plan.row0 + batch)
+                self.keys[rows, :, :q_len] = keys_BHQD
+                self.values[rows, :, :q_len] = values_BHQD
+            else:
+                rows_N, slot_N = plan.keep_rows_N, plan.keep_slot_N
+                self.keys[rows_N, :, slot_N] = keys_BHQD[plan.keep_b_N, :, plan.keep_q_N]
+                self.values[rows_N, :, slot_N] = values_BHQD[plan.keep_b_N, :, plan.keep_q_N]
+            return key_states, value_states
+        batch = key_states.shape[0]
+        where_B = plan.pos_B if self.window is None else plan.ring_B
+        self.keys[plan.rows_B, :, where_B] = keys_BHQD[:, :, 0]
+        self.values[plan.rows_B, :, where_B] = values_BHQD[:, :, 0]
+        length = plan.kv_len if self.window is None else plan.ring_len
+        return self.keys[:batch, :, :length], self.values[:batch, :, :length]
 
     def grow(self, capacity: int) -> None:
-        if not self.is_initialized:
+        if not self.is_initialized or self.window is not None:
             return
         for name in ("keys", "values"):
             old = getattr(self, name)
@@ -330,29 +380,42 @@ class _SlotLayer(CacheLayerMixin):
             new[:, :, : old.shape[2]] = old
             setattr(self, name, new)
 
-    def move_row(self, src: int, dst: int) -> None:
+    def move_rows(self, src_R: torch.Tensor, dst_R: torch.Tensor) -> None:
         if self.is_initialized:
-            self.keys[dst] = self.keys[src]
-            self.values[dst] = self.values[src]
+            self.keys[dst_R] = self.keys[src_R]
+            self.values[dst_R] = self.values[src_R]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.owner.plan.kv_len, 0
+        plan = self.owner.plan
+        if plan.prefill:
+            return query_length, 0
+        return (plan.kv_len if self.window is None else plan.ring_len), 0
 
     def get_seq_length(self) -> int:
         return 0  # positions are per row; the engine always passes position_ids
 
     def get_max_length(self) -> int:
-        return self.owner.capacity
+        return self.window if self.window is not None else self.owner.capacity
 
 
 class SlotKVCache(Cache):
-    """A ``transformers.Cache`` holding one KV row per running sequence (see module doc)."""
+    """A ``transformers.Cache`` holding one KV row per running sequence (see module doc).
 
-    def __init__(self, num_layers: int, num_slots: int, capacity: int = 256) -> None:
+    ``windows[i]`` is layer i's sliding window (``None``: full attention).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        capacity: int = 256,
+        windows: Sequence[int | None] | None = None,
+    ) -> None:
         self.num_slots = num_slots
         self.capacity = capacity
         self.plan: _StepPlan | None = None
-        super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+        windows = list(windows) if windows is not None else [None] * num_layers
+        super().__init__(layers=[_SlotLayer(self, w) for w in windows])
 
     def ensure_capacity(self, needed: int, limit: int) -> None:
         if needed <= self.capacity:
@@ -362,15 +425,73 @@ class SlotKVCache(Cache):
             layer.grow(new_cap)
         self.capacity = new_cap
 
-    def move_row(self, src: int, dst: int) -> None:
+    def move_rows(self, src_R: torch.Tensor, dst_R: torch.Tensor) -> None:
+        """Copy rows ``src_R`` onto rows ``dst_R`` (disjoint) in every layer."""
         for layer in self.layers:
-            layer.move_row(src, dst)
+            layer.move_rows(src_R, dst_R)
 
     def drop_buffers(self) -> None:
         """Free every buffer (re-allocated lazily on the next forward)."""
         for layer in self.layers:
             layer.keys = layer.values = None
             layer.is_initialized = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped-query attention without repeated keys
+# ---------------------------------------------------------------------------------------------
+
+GROUPED_ATTENTION = "mopd_grouped_eager"
+
+# Model types whose eager attention is exactly softmax(q k^T * scaling + mask [+ sink column]) v
+# with keys/values shared by groups of query heads (transformers' ``repeat_kv`` convention).
+_GROUPED_ATTENTION_MODELS = frozenset(
+    {"llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "mixtral", "mimo_v2_flash"}
+)
+
+
+def grouped_eager_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' eager attention, computed per KV head instead of per query head.
+
+    Eager attention copies every key and value once per query head of a group
+    (``repeat_kv``), then runs one tiny matmul per head; at decode that copy of the whole
+    cache dominates the step. Folding the G query heads of a group into the query axis reads
+    the cache slice in place: q ``[B, H_kv, G*Q, D]`` @ k^T ``[B, H_kv, D, K]``. The sums are
+    the same as eager's (floats agree to ~1e-7). MiMo-V2-Flash's attention sinks (one logit
+    per head, ``module.sinks``) join the softmax as an extra column and are dropped after it,
+    as its eager attention does. Registered with ``AttentionInterface`` under
+    ``GROUPED_ATTENTION``; shapes: query [B, H, Q, D], key [B, H_kv, K, D], value
+    [B, H_kv, K, Dv]; returns output [B, Q, H, Dv] and probabilities [B, H, Q, K].
+    """
+    batch, heads, q_len, _ = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    q_grouped = query.reshape(batch, kv_heads, group * q_len, query.shape[3])
+    scores_BHQK = torch.matmul(q_grouped, key.transpose(2, 3)).view(batch, heads, q_len, k_len)
+    scores_BHQK = scores_BHQK * scaling
+    if attention_mask is not None:
+        scores_BHQK = scores_BHQK + attention_mask[:, :, :, :k_len]
+    sinks = getattr(module, "sinks", None)
+    if sinks is not None:
+        sink_BHQ1 = sinks.reshape(1, -1, 1, 1).expand(batch, -1, q_len, -1)
+        scores_BHQK = torch.cat([scores_BHQK, sink_BHQ1.to(scores_BHQK.dtype)], dim=-1)
+    probs_BHQK = torch.softmax(scores_BHQK, dim=-1, dtype=torch.float32).to(value.dtype)
+    if sinks is not None:
+        probs_BHQK = probs_BHQK[..., :-1]
+    if dropout and module.training:
+        probs_BHQK = torch.nn.functional.dropout(probs_BHQK, p=dropout, training=True)
+    out = torch.matmul(probs_BHQK.reshape(batch, kv_heads, group * q_len, k_len), value)
+    out_BQHD = out.view(batch, heads, q_len, value.shape[3]).transpose(1, 2).contiguous()
+    return out_BQHD, probs_BHQK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,28 +526,94 @@ _DTYPES = {
 
 
 class _Seq:
-    """Scheduler state of one running request (owned by the engine thread)."""
+    """Scheduler state of one request (owned by the engine thread).
 
-    def __init__(self, req: Request, future: Future, seed: int, device: torch.device) -> None:
+    While it runs, its tokens, log-probs and routes live in the engine's slot tensors (row
+    ``slot``); they are copied out into ``out_ids`` / ``out_lp`` when it finishes.
+    """
+
+    def __init__(
+        self, req: Request, future: Future, limit: int, gen: torch.Generator | None
+    ) -> None:
         self.req = req
         self.future = future
         self.prompt = list(req.input_ids)
+        self.limit = limit  # most tokens it may generate (max_new_tokens or the context)
+        self.gen = gen  # its own generator when seeded; None draws from the engine's
         self.out_ids: list[int] = []
         self.out_lp: list[LogprobEntry] = []
         self.out_top: list[list[LogprobEntry]] = []
         self.in_lp: list[LogprobEntry] | None = None
         self.in_top: list[list[LogprobEntry] | None] | None = None
-        self.routes: list[torch.Tensor] = []
-        self.num_cached = 0  # tokens whose KV is in the slot
+        self.text_ids: list[int] = []  # only kept for stop-string matching
+        self.stop_tail = 0  # tokens of the longest stop string
+        self.routes_TLk: torch.Tensor | None = None
         self.slot = -1
         self.finish: dict[str, Any] | None = None
         self.t0 = time.perf_counter()
-        self.gen = torch.Generator(device=device).manual_seed(seed)
-        self.aborted = False
 
-    @property
-    def last_token(self) -> int:
-        return self.out_ids[-1] if self.out_ids else self.prompt[-1]
+
+@dataclasses.dataclass
+class _BatchParams:
+    """Sampling and stop settings of consecutive running rows, as tensors (rebuilt only when
+    the running set changes). ``None`` fields mean "no row needs this"."""
+
+    temp_B: torch.Tensor | None  # None: every temperature is 1
+    greedy_B: torch.Tensor | None  # None: no row is greedy
+    all_greedy: bool
+    trunc: tuple[torch.Tensor, ...] | None  # rows that truncate, top_k_B, top_p_B, min_p_B
+    seeded_rows: torch.Tensor | None  # rows (in the batch) that draw from their own generator
+    seeded_gens: list[torch.Generator]
+    stop_BM: torch.Tensor | None  # token ids that stop each row (EOS, stop_token_ids), -1 pad
+    text_rows: list[tuple[int, _Seq]]  # rows with stop strings
+    top_rows: list[tuple[int, _Seq]]  # rows asking for top log-probs
+    routes: bool  # some row asked for routed experts
+
+
+class _SlotState:
+    """Per-slot tensors that change every step; rows move together with the KV cache rows.
+
+    ``tok_S`` last token (the next decode input), ``pos_S`` tokens cached (the next position),
+    ``nout_S`` tokens generated; ``out_ST`` / ``lp_ST`` the generated tokens and their
+    log-probs; ``routes_STLk`` the routed experts of every position run (allocated on first
+    use).
+    """
+
+    def __init__(self, num_slots: int, device: torch.device) -> None:
+        self.device = device
+        self.tok_S = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self.pos_S = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self.nout_S = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self.out_ST = torch.zeros((num_slots, 0), dtype=torch.long, device=device)
+        self.lp_ST = torch.zeros((num_slots, 0), dtype=torch.float32, device=device)
+        self.routes_STLk: torch.Tensor | None = None
+
+    @staticmethod
+    def _grown(old: torch.Tensor, length: int) -> torch.Tensor:
+        new = old.new_zeros((old.shape[0], length, *old.shape[2:]))
+        new[:, : old.shape[1]] = old
+        return new
+
+    def ensure_outputs(self, length: int, limit: int) -> None:
+        if length > self.out_ST.shape[1]:
+            length = min(max(length, 2 * self.out_ST.shape[1]), max(limit, length))
+            self.out_ST = self._grown(self.out_ST, length)
+            self.lp_ST = self._grown(self.lp_ST, length)
+
+    def ensure_routes(self, length: int, limit: int, layers: int, top_k: int) -> None:
+        if self.routes_STLk is None:
+            self.routes_STLk = torch.zeros(
+                (self.tok_S.shape[0], 0, layers, top_k), dtype=torch.int32, device=self.device
+            )
+        if length > self.routes_STLk.shape[1]:
+            length = min(max(length, 2 * self.routes_STLk.shape[1]), max(limit, length))
+            self.routes_STLk = self._grown(self.routes_STLk, length)
+
+    def move_rows(self, src_R: torch.Tensor, dst_R: torch.Tensor) -> None:
+        for name in ("tok_S", "pos_S", "nout_S", "out_ST", "lp_ST", "routes_STLk"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                tensor[dst_R] = tensor[src_R]
 
 
 class Engine:
@@ -449,6 +636,9 @@ class Engine:
             raise ValueError(f"unknown dtype {config.dtype!r}; use one of auto, {sorted(_DTYPES)}")
         self.model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=dtype)
         self.model.to(self.device).eval()
+        if getattr(self.model.config, "model_type", None) in _GROUPED_ATTENTION_MODELS:
+            AttentionInterface.register(GROUPED_ATTENTION, grouped_eager_attention)
+            self.model.set_attn_implementation(GROUPED_ATTENTION)
         self.dtype = next(self.model.parameters()).dtype
         self.hf_config = self.model.config
         self.base = getattr(self.model, self.model.base_model_prefix)
@@ -460,9 +650,26 @@ class Engine:
         self.capture = RoutingCapture(self.model)
         self.eos_ids = self._eos_ids()
         self._mask_layout = self._attention_layout()
-        self.cache = SlotKVCache(self.num_layers, config.max_running_requests)
+        windows = self._layer_windows()
+        rings = {w for w in windows if w is not None}
+        if len(rings) > 1:
+            raise ValueError(
+                f"layers with different sliding windows {sorted(rings)} are not supported"
+            )
+        self._ring_window = rings.pop() if rings else None
+        self.cache = SlotKVCache(self.num_layers, config.max_running_requests, windows=windows)
         self.weight_version = str(config.weight_version)
-        self._rng = np.random.default_rng(config.random_seed)
+        # Unseeded requests draw from one engine generator (one call per step for the batch).
+        self._gen = torch.Generator(device=self.device).manual_seed(config.random_seed)
+        self._state = _SlotState(config.max_running_requests, self.device)
+        self._arange = torch.arange(max(self.context_len, config.max_running_requests) + 1)
+        self._arange = self._arange.to(self.device)
+        self._mask_zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        self._mask_neg = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype)
+        self._mask_neg = self._mask_neg.to(self.device)
+        self._params: _BatchParams | None = None  # of the running rows; None when stale
+        self._due: dict[int, list[_Seq]] = {}  # decode step -> sequences reaching their limit
+        self._steps = 0  # decode steps run
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
@@ -501,6 +708,20 @@ class Engine:
             only = layer_types[0]
             return False, {"": window if only == "sliding_attention" else None}
         return False, {"": window}
+
+    def _layer_windows(self) -> list[int | None]:
+        """Each layer's KV ring size: its sliding window, or None (full attention).
+
+        A window that is not shorter than the context restricts nothing: such a layer keeps
+        every key, as a full-attention layer does.
+        """
+        per_dict, windows = self._mask_layout
+        types = getattr(self.hf_config, "layer_types", None) if per_dict else None
+        ring = []
+        for i in range(self.num_layers):
+            window = windows[types[i]] if types else windows[""]
+            ring.append(window if window is not None and window < self.context_len else None)
+        return ring
 
     @property
     def top_k_experts(self) -> int:
@@ -591,12 +812,20 @@ class Engine:
         """Queue a request; the future resolves to its ``Output`` (or raises RequestError)."""
         self.validate(req)
         seed = req.sampling.sampling_seed
-        if seed is None:
-            seed = int(self._rng.integers(0, 2**62))
-        else:
+        gen = None
+        if seed is not None:
             seed = (seed * 1_000_003 + req.copy_index) % (2**63 - 1)
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+        limit = req.sampling.max_new_tokens
+        if limit is None:
+            limit = self.context_len - len(req.input_ids) - 1
         future: Future = Future()
-        self._commands.put(("submit", _Seq(req, future, seed, self.device)))
+        seq = _Seq(req, future, limit, gen)
+        if req.sampling.stop:
+            seq.stop_tail = max(
+                len(self.tokenizer.encode(s, add_special_tokens=False)) for s in req.sampling.stop
+            )
+        self._commands.put(("submit", seq))
         return future
 
     def generate(self, reqs: Sequence[Request], timeout: float | None = None) -> list[Output]:
@@ -816,6 +1045,8 @@ class Engine:
                         seq.future.set_exception(exc)
                 self._running.clear()
                 self._waiting.clear()
+                self._due.clear()
+                self._params = None
         for seq in list(self._running) + list(self._waiting):
             if not seq.future.done():
                 seq.future.set_exception(RuntimeError("engine shut down"))
@@ -853,37 +1084,49 @@ class Engine:
 
     # -- forward --------------------------------------------------------------------------------
 
-    def _masks(self, pos_BQ: torch.Tensor, kv_len: int):
-        key_pos = torch.arange(kv_len, device=self.device)
-        causal_BQK = key_pos[None, None, :] <= pos_BQ[:, :, None]
-        neg = torch.finfo(self.dtype).min
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        return torch.where(allowed, self._mask_zero, self._mask_neg)
+
+    def _prefill_masks(self, q_len: int):
+        """Masks [1, 1, Q, Q]: every prefill row runs positions 0..Q-1 (right padding)."""
+        pos_Q = self._arange[:q_len]
+        causal_QQ = pos_Q[None, :] <= pos_Q[:, None]
         per_dict, windows = self._mask_layout
         masks = {}
         for layer_type, window in windows.items():
-            allowed = causal_BQK
+            allowed_QQ = causal_QQ
             if window is not None:
-                allowed = allowed & (key_pos[None, None, :] > pos_BQ[:, :, None] - window)
-            mask_BQK = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-            masks[layer_type] = mask_BQK.masked_fill_(~allowed, neg)[:, None]
+                allowed_QQ = allowed_QQ & (pos_Q[None, :] > pos_Q[:, None] - window)
+            masks[layer_type] = self._additive(allowed_QQ)[None, None]
         return masks if per_dict else masks[""]
 
-    def _forward(
-        self, ids_BQ: torch.Tensor, pos_BQ: torch.Tensor, row0: int, kv_len: int, capture: bool
+    def _decode_masks(self, pos_B: torch.Tensor, kv_len: int, ring_len: int):
+        """Masks [B, 1, 1, K]: full layers see keys 0..pos, ring layers the slots written."""
+        per_dict, windows = self._mask_layout
+        masks = {}
+        for layer_type, window in windows.items():
+            ring = window is not None and window == self._ring_window
+            length = ring_len if ring else kv_len
+            # A ring slot s holds position pos - ((pos - s) mod W): written iff s <= pos, and
+            # then always inside the window. A full row holds position j at j.
+            allowed_BK = self._arange[:length][None, :] <= pos_B[:, None]
+            masks[layer_type] = self._additive(allowed_BK)[:, None, None, :]
+        return masks if per_dict else masks[""]
+
+    def _run_model(
+        self, ids_BQ: torch.Tensor, pos_BQ: torch.Tensor, plan: _StepPlan, masks, capture: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the backbone; returns hidden states [B, Q, H] and routes [B, Q, L, k] or None."""
-        batch, q_len = ids_BQ.shape
-        self.cache.ensure_capacity(kv_len, self.context_len)
-        rows_BQ = torch.arange(row0, row0 + batch, device=self.device)[:, None].expand(-1, q_len)
-        self.cache.plan = _StepPlan(row0, rows_BQ, pos_BQ, kv_len)
+        self.cache.plan = plan
         with self.capture.record(capture):
             out = self.base(
                 input_ids=ids_BQ,
                 position_ids=pos_BQ,
-                attention_mask=self._masks(pos_BQ, kv_len),
+                attention_mask=masks,
                 cache=self.cache,
                 use_cache=True,
             )
-        routes = self.capture.routes(batch, q_len) if capture else None
+        routes = self.capture.routes(*ids_BQ.shape) if capture else None
         return out.last_hidden_state, routes
 
     def _logits(self, hidden_NH: torch.Tensor) -> torch.Tensor:
@@ -893,8 +1136,46 @@ class Engine:
             logits = torch.tanh(logits / softcap) * softcap
         return logits
 
-    def _wants_routes(self, seqs: Iterable[_Seq]) -> bool:
-        return any(s.req.return_routed_experts for s in seqs)
+    def _batch_params(self, seqs: Sequence[_Seq]) -> _BatchParams:
+        device = self.device
+        params = [s.req.sampling for s in seqs]
+        temps = [p.temperature for p in params]
+        greedy = [p.greedy for p in params]
+        # Truncation applies to the rows that ask for it (greedy rows take the argmax), so a
+        # row samples from the same numbers alone or next to rows that truncate.
+        truncates = [
+            not p.greedy and (p.top_k < TOP_K_ALL or p.top_p < 1.0 or p.min_p > 0.0) for p in params
+        ]
+        trunc = None
+        if any(truncates):
+            trunc = (
+                torch.tensor(truncates, device=device),
+                torch.tensor([min(p.top_k, self.vocab_size) for p in params], device=device),
+                torch.tensor([p.top_p for p in params], device=device),
+                torch.tensor([p.min_p for p in params], device=device),
+            )
+        seeded = [(b, s.gen) for b, s in enumerate(seqs) if s.gen is not None and not greedy[b]]
+        stops = [() if p.ignore_eos else tuple(self.eos_ids | p.stop_token_ids) for p in params]
+        width = max(len(x) for x in stops)
+        stop_BM = None
+        if width:
+            stop_BM = torch.tensor([[*x, *[-1] * (width - len(x))] for x in stops], device=device)
+        return _BatchParams(
+            temp_B=None if all(t == 1.0 for t in temps) else torch.tensor(temps, device=device),
+            greedy_B=torch.tensor(greedy, device=device) if any(greedy) else None,
+            all_greedy=all(greedy),
+            trunc=trunc,
+            seeded_rows=torch.tensor([b for b, _ in seeded], device=device) if seeded else None,
+            seeded_gens=[g for _, g in seeded],
+            stop_BM=stop_BM,
+            text_rows=[(b, s) for b, s in enumerate(seqs) if s.req.sampling.stop],
+            top_rows=[
+                (b, s)
+                for b, s in enumerate(seqs)
+                if s.req.return_logprob and s.req.top_logprobs_num > 0
+            ],
+            routes=any(s.req.return_routed_experts for s in seqs),
+        )
 
     def _prefill(self) -> None:
         batch: list[_Seq] = []
@@ -906,16 +1187,28 @@ class Engine:
                 break
             batch.append(self._waiting.popleft())
             longest = max(longest, cand)
-        row0 = len(self._running)
-        ids_BQ = torch.zeros((len(batch), longest), dtype=torch.long)
+        row0, n = len(self._running), len(batch)
+        lens = [len(seq.prompt) for seq in batch]
+        ids_BQ = torch.zeros((n, longest), dtype=torch.long)
         for b, seq in enumerate(batch):
-            ids_BQ[b, : len(seq.prompt)] = torch.tensor(seq.prompt)
+            ids_BQ[b, : lens[b]] = torch.tensor(seq.prompt)
             seq.slot = row0 + b
-        pos_BQ = torch.arange(longest)[None].expand(len(batch), -1)
-        hidden_BQH, routes = self._forward(
-            ids_BQ.to(self.device), pos_BQ.to(self.device), row0, longest, self._wants_routes(batch)
+        params = self._batch_params(batch)
+        plan = _StepPlan(prefill=True, row0=row0)
+        window = self._ring_window
+        if window is not None:  # sliding layers keep the last `window` keys of each row
+            keep = [(b, q) for b in range(n) for q in range(max(0, lens[b] - window), lens[b])]
+            keep_b_N = torch.tensor([b for b, _ in keep], device=self.device)
+            keep_q_N = torch.tensor([q for _, q in keep], device=self.device)
+            plan.keep_b_N, plan.keep_q_N = keep_b_N, keep_q_N
+            plan.keep_rows_N, plan.keep_slot_N = keep_b_N + row0, keep_q_N % window
+        self.cache.ensure_capacity(longest, self.context_len)
+        pos_BQ = self._arange[:longest][None].expand(n, -1)
+        hidden_BQH, routes_BQLk = self._run_model(
+            ids_BQ.to(self.device), pos_BQ, plan, self._prefill_masks(longest), params.routes
         )
         self._running.extend(batch)
+        self._params = None
         self.stats["prefill_batches"] += 1
         self.stats["peak_running"] = max(self.stats["peak_running"], len(self._running))
 
@@ -924,134 +1217,201 @@ class Engine:
         picks: list[tuple[int, int]] = []
         spans = []
         for b, seq in enumerate(batch):
-            n_in = len(seq.prompt)
-            start = n_in - 1
+            start = lens[b] - 1
             if seq.req.return_logprob and seq.req.logprob_start_len >= 0:
                 start = seq.req.logprob_start_len
-            spans.append((len(picks), start, n_in))
-            picks.extend((b, p) for p in range(start, n_in))
-            seq.num_cached = n_in
-            if routes is not None:
-                seq.routes.append(routes[b, :n_in])
+            spans.append((len(picks), start))
+            picks.extend((b, p) for p in range(start, lens[b]))
         b_idx = torch.tensor([b for b, _ in picks], device=self.device)
         p_idx = torch.tensor([p for _, p in picks], device=self.device)
         logits_NV = self._logits(hidden_BQH[b_idx, p_idx])
-        raw_logp_NV = torch.log_softmax(logits_NV, dim=-1)
 
         last_rows = []
         for b, seq in enumerate(batch):
-            offset, start, n_in = spans[b]
+            offset, start = spans[b]
+            n_in = lens[b]
             if seq.req.return_logprob:
+                raw_logp_NV = torch.log_softmax(logits_NV[offset : offset + n_in - start - 1], -1)
                 # Position p scores token p+1; SGLang pads the first entry with None and drops
                 # the last position's (it is the sampling step).
-                rows = torch.arange(offset, offset + n_in - start - 1, device=self.device)
-                nxt = torch.tensor(seq.prompt[start + 1 : n_in], device=self.device)
-                vals = raw_logp_NV[rows, nxt].tolist() if len(rows) else []
-                seq.in_lp = [
-                    (None, seq.prompt[start]),
-                    *list(zip(vals, seq.prompt[start + 1 : n_in], strict=True)),
-                ]
+                nxt = seq.prompt[start + 1 : n_in]
+                vals = []
+                if nxt:
+                    nxt_N = torch.tensor(nxt, device=self.device)
+                    vals = raw_logp_NV.gather(1, nxt_N[:, None])[:, 0].tolist()
+                seq.in_lp = [(None, seq.prompt[start]), *zip(vals, nxt, strict=True)]
                 if seq.req.top_logprobs_num > 0:
-                    seq.in_top = [None, *_top_entries(raw_logp_NV[rows], seq.req.top_logprobs_num)]
+                    seq.in_top = [None, *_top_entries(raw_logp_NV, seq.req.top_logprobs_num)]
             last_rows.append(offset + n_in - 1 - start)
-        needs_token = [s for s in batch if s.req.sampling.max_new_tokens != 0]
-        if needs_token:
-            idx = torch.tensor([last_rows[batch.index(s)] for s in needs_token])
-            self._sample_and_append(needs_token, logits_NV[idx.to(self.device)])
+        last_B = torch.tensor(last_rows, device=self.device)
+        tokens_B, lp_B, report_BV = self._sample(logits_NV[last_B], params)
+
+        state, rows = self._state, slice(row0, row0 + n)
+        needs_token_B = torch.tensor([seq.limit > 0 for seq in batch], device=self.device)
+        state.ensure_outputs(max(1, *(seq.limit for seq in batch)), self.context_len)
+        state.tok_S[rows] = tokens_B
+        state.pos_S[rows] = torch.tensor(lens, device=self.device)
+        state.nout_S[rows] = needs_token_B.long()
+        state.out_ST[rows, 0] = tokens_B
+        state.lp_ST[rows, 0] = lp_B
+        if routes_BQLk is not None:
+            state.ensure_routes(longest, self.context_len, self.num_layers, self.top_k_experts)
+            state.routes_STLk[rows, :longest] = routes_BQLk.to(self.device)
+
+        finished = False
         for seq in batch:
-            if seq.req.sampling.max_new_tokens == 0:
-                seq.finish = {"type": "length", "length": 0}
-        self._retire()
+            if seq.limit <= 1:  # the length check comes first, as in SGLang
+                seq.finish = {"type": "length", "length": seq.limit}
+                finished = True
+            else:
+                self._due.setdefault(self._steps + seq.limit - 1, []).append(seq)
+        self._record_top(params, report_BV)
+        finished |= self._check_stops(batch, params, tokens_B)
+        self.num_generated_tokens += int(sum(seq.limit > 0 for seq in batch))
+        if finished:
+            self._retire()
 
     def _decode(self) -> None:
         seqs = self._running
+        batch = len(seqs)
+        if self._params is None:
+            self._params = self._batch_params(seqs)
+        params, state = self._params, self._state
         self.stats["decode_steps"] += 1
-        ids_B1 = torch.tensor([[s.last_token] for s in seqs], device=self.device)
-        pos_B1 = torch.tensor([[s.num_cached] for s in seqs], device=self.device)
-        kv_len = int(pos_B1.max()) + 1
-        hidden_B1H, routes = self._forward(ids_B1, pos_B1, 0, kv_len, self._wants_routes(seqs))
-        for b, seq in enumerate(seqs):
-            seq.num_cached += 1
-            if routes is not None:
-                seq.routes.append(routes[b])
-        self._sample_and_append(seqs, self._logits(hidden_B1H[:, -1]))
-        self._retire()
+        self._steps += 1
+        pos_B = state.pos_S[:batch]
+        kv_len = int(pos_B.max()) + 1
+        self.cache.ensure_capacity(kv_len, self.context_len)
+        plan = _StepPlan(prefill=False, rows_B=self._arange[:batch], pos_B=pos_B, kv_len=kv_len)
+        if self._ring_window is not None:
+            plan.ring_B = pos_B % self._ring_window
+            plan.ring_len = min(self._ring_window, kv_len)
+        masks = self._decode_masks(pos_B, kv_len, plan.ring_len)
+        hidden_B1H, routes_B1Lk = self._run_model(
+            state.tok_S[:batch, None], pos_B[:, None], plan, masks, params.routes
+        )
+        tokens_B, lp_B, report_BV = self._sample(self._logits(hidden_B1H[:, -1]), params)
+
+        rows_B, nout_B = plan.rows_B, state.nout_S[:batch]
+        if routes_B1Lk is not None:
+            state.ensure_routes(kv_len, self.context_len, self.num_layers, self.top_k_experts)
+            state.routes_STLk[rows_B, pos_B] = routes_B1Lk[:, 0].to(self.device)
+        state.out_ST[rows_B, nout_B] = tokens_B
+        state.lp_ST[rows_B, nout_B] = lp_B
+        state.tok_S[:batch] = tokens_B
+        nout_B += 1
+        pos_B += 1
+
+        finished = False
+        for seq in self._due.pop(self._steps, ()):
+            if seq.finish is None and seq.slot >= 0:
+                seq.finish = {"type": "length", "length": seq.limit}
+                finished = True
+        self._record_top(params, report_BV)
+        finished |= self._check_stops(seqs, params, tokens_B)
+        self.num_generated_tokens += batch
+        if finished:
+            self._retire()
 
     # -- sampling -------------------------------------------------------------------------------
 
-    def _sample_and_append(self, seqs: list[_Seq], logits_BV: torch.Tensor) -> None:
-        params = [s.req.sampling for s in seqs]
-        temps_B = torch.tensor([p.temperature for p in params], device=logits_BV.device)
-        raw_logp_BV = torch.log_softmax(logits_BV, dim=-1)
-        scaled_logp_BV = torch.log_softmax(logits_BV / temps_B[:, None], dim=-1)
-        greedy_B = torch.tensor([p.greedy for p in params], device=logits_BV.device)
-        tokens_B = torch.argmax(logits_BV, dim=-1)
-        if not bool(greedy_B.all()):
-            probs_BV = _truncate(scaled_logp_BV.exp(), params)
-            noise_BV = torch.stack(
-                [
-                    torch.empty(logits_BV.shape[1], device=logits_BV.device).exponential_(
-                        generator=s.gen
-                    )
-                    for s in seqs
-                ]
+    def _sample(
+        self, logits_BV: torch.Tensor, params: _BatchParams
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw one token per row; returns tokens [B], their reported log-probs [B] and the
+        reported log-prob rows [B, V] (see the module doc for which distribution)."""
+        scaled_BV = logits_BV if params.temp_B is None else logits_BV / params.temp_B[:, None]
+        logp_BV = torch.log_softmax(scaled_BV, dim=-1)
+        if params.all_greedy:
+            tokens_B = torch.argmax(logits_BV, dim=-1)
+        else:
+            probs_BV = logp_BV.exp()
+            u_B = torch.rand(
+                logits_BV.shape[0], generator=self._gen, device=self.device, dtype=probs_BV.dtype
             )
-            sampled_B = torch.argmax(probs_BV / noise_BV, dim=-1)
-            tokens_B = torch.where(greedy_B, tokens_B, sampled_B)
-        report_BV = raw_logp_BV if self.config.return_original_logprob else scaled_logp_BV
+            if params.seeded_rows is not None:
+                u_B[params.seeded_rows] = torch.cat(
+                    [torch.rand(1, generator=g, device=self.device) for g in params.seeded_gens]
+                )
+            if params.trunc is not None:
+                rows_B, *limits = params.trunc
+                probs_BV = torch.where(rows_B[:, None], _truncate(probs_BV, *limits), probs_BV)
+            tokens_B = _inverse_cdf(probs_BV, u_B)
+            if params.greedy_B is not None:
+                tokens_B = torch.where(params.greedy_B, torch.argmax(logits_BV, dim=-1), tokens_B)
+        report_BV = logp_BV
+        if self.config.return_original_logprob and params.temp_B is not None:
+            report_BV = torch.log_softmax(logits_BV, dim=-1)
         token_lp_B = report_BV.gather(1, tokens_B[:, None])[:, 0]
-        tokens = tokens_B.tolist()
-        token_lps = token_lp_B.tolist()
-        want_top = [s.req.return_logprob and s.req.top_logprobs_num > 0 for s in seqs]
-        for b, seq in enumerate(seqs):
-            token = tokens[b]
-            seq.out_ids.append(token)
-            if seq.req.return_logprob:
-                seq.out_lp.append((token_lps[b], token))
-                if want_top[b]:
-                    seq.out_top.append(
-                        _top_entries(report_BV[b : b + 1], seq.req.top_logprobs_num)[0]
-                    )
-            seq.finish = self._check_finish(seq, token)
-        self.num_generated_tokens += len(seqs)
+        return tokens_B, token_lp_B, report_BV
 
-    def _check_finish(self, seq: _Seq, token: int) -> dict[str, Any] | None:
-        sp = seq.req.sampling
-        max_new = sp.max_new_tokens
-        if max_new is None:
-            max_new = self.context_len - len(seq.prompt) - 1
-        if len(seq.out_ids) >= max_new:
-            return {"type": "length", "length": max_new}
-        if not sp.ignore_eos and (token in sp.stop_token_ids or token in self.eos_ids):
-            return {"type": "stop", "matched": token}
-        if sp.stop:
-            tail_len = max(len(self.tokenizer.encode(s, add_special_tokens=False)) for s in sp.stop)
-            tail = self.tokenizer.decode(seq.out_ids[-(tail_len + 1) :])
-            for stop in sp.stop:
-                if stop and stop in tail:
-                    return {"type": "stop", "matched": stop}
-        if len(seq.prompt) + len(seq.out_ids) >= self.context_len:
-            return {"type": "length", "length": len(seq.out_ids)}
-        return None
+    def _record_top(self, params: _BatchParams, report_BV: torch.Tensor) -> None:
+        for b, seq in params.top_rows:
+            if seq.limit == 0:  # prefill-only: no output token
+                continue
+            seq.out_top.append(_top_entries(report_BV[b : b + 1], seq.req.top_logprobs_num)[0])
+
+    def _check_stops(
+        self, seqs: Sequence[_Seq], params: _BatchParams, tokens_B: torch.Tensor
+    ) -> bool:
+        """Mark rows whose new token is a stop token or completes a stop string."""
+        finished = False
+        if params.stop_BM is not None:
+            hit_B = (tokens_B[:, None] == params.stop_BM).any(dim=1)
+            if bool(hit_B.any()):
+                for b in hit_B.nonzero()[:, 0].tolist():
+                    if seqs[b].finish is None:
+                        seqs[b].finish = {"type": "stop", "matched": int(tokens_B[b])}
+                        finished = True
+        if params.text_rows:
+            rows = torch.tensor([b for b, _ in params.text_rows], device=tokens_B.device)
+            for (_, seq), token in zip(params.text_rows, tokens_B[rows].tolist(), strict=True):
+                seq.text_ids.append(token)
+                if seq.finish is None:
+                    tail = self.tokenizer.decode(seq.text_ids[-(seq.stop_tail + 1) :])
+                    for stop in seq.req.sampling.stop:
+                        if stop and stop in tail:
+                            seq.finish = {"type": "stop", "matched": stop}
+                            finished = True
+                            break
+        return finished
 
     # -- retiring -------------------------------------------------------------------------------
 
     def _retire(self) -> None:
         """Complete finished sequences and keep the running ones in rows 0..B-1."""
-        if not any(s.finish is not None for s in self._running):
+        done = [s for s in self._running if s.finish is not None]
+        if not done:
             return
         keep = [s for s in self._running if s.finish is None]
-        done = [s for s in self._running if s.finish is not None]
-        free_rows = sorted(s.slot for s in done)
+        for seq in done:
+            self._collect(seq)  # before any row moves over it
+            self._complete(seq)
         # Fill holes below len(keep) with the rows of survivors that sit above it.
         movers = sorted((s for s in keep if s.slot >= len(keep)), key=lambda s: s.slot)
-        holes = [r for r in free_rows if r < len(keep)]
-        for seq, hole in zip(movers, holes, strict=False):
-            self.cache.move_row(seq.slot, hole)
-            seq.slot = hole
-        self._running = sorted(keep, key=lambda s: s.slot)
+        holes = sorted(s.slot for s in done if s.slot < len(keep))
+        if movers:
+            src_R = torch.tensor([s.slot for s in movers], device=self.device)
+            dst_R = torch.tensor(holes[: len(movers)], device=self.device)
+            self.cache.move_rows(src_R, dst_R)
+            self._state.move_rows(src_R, dst_R)
+            for seq, hole in zip(movers, holes, strict=False):
+                seq.slot = hole
         for seq in done:
-            self._complete(seq)
+            seq.slot = -1
+        self._running = sorted(keep, key=lambda s: s.slot)
+        self._params = None
+
+    def _collect(self, seq: _Seq) -> None:
+        """Copy a finished row's tokens, log-probs and routes out of the slot tensors."""
+        state, row = self._state, seq.slot
+        count = int(state.nout_S[row])
+        seq.out_ids = state.out_ST[row, :count].tolist()
+        if seq.req.return_logprob:
+            seq.out_lp = list(zip(state.lp_ST[row, :count].tolist(), seq.out_ids, strict=True))
+        if seq.req.return_routed_experts and state.routes_STLk is not None:
+            ran = len(seq.prompt) + count - 1  # every token the model ran forward on
+            seq.routes_TLk = state.routes_STLk[row, :ran].cpu().clone()
 
     def _complete(self, seq: _Seq) -> None:
         if seq.future.done():
@@ -1095,9 +1455,8 @@ class Engine:
                 out.output_top_logprobs = list(seq.out_top)
         if req.return_routed_experts:
             seqlen = len(seq.prompt) + len(seq.out_ids)
-            if seq.routes:
-                routes_TLk = torch.cat(seq.routes, dim=0)
-            else:
+            routes_TLk = seq.routes_TLk
+            if routes_TLk is None:
                 routes_TLk = torch.zeros(
                     (0, self.num_layers, self.top_k_experts), dtype=torch.int32
                 )
@@ -1106,21 +1465,30 @@ class Engine:
         return out
 
 
-def _truncate(probs_BV: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+def _inverse_cdf(weights_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
+    """Index drawn from each row's (unnormalised, non-negative) weights, given u ~ U[0, 1).
+
+    The first index whose running sum exceeds ``u * total``; the target is kept strictly
+    below the total, so an index with zero weight is never returned.
+    """
+    cum_BV = weights_BV.cumsum(dim=-1)
+    total_B1 = cum_BV[:, -1:]
+    target_B1 = torch.minimum(
+        u_B[:, None] * total_B1, torch.nextafter(total_B1, torch.zeros_like(total_B1))
+    )
+    return torch.searchsorted(cum_BV, target_B1, right=True)[:, 0]
+
+
+def _truncate(
+    probs_BV: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch.Tensor, min_p_B: torch.Tensor
+) -> torch.Tensor:
     """Zero the tokens top-k / top-p / min-p exclude (SGLang's torch sampling fallback)."""
-    need = any(p.top_k < TOP_K_ALL or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
-    if not need:
-        return probs_BV
-    device = probs_BV.device
-    top_k = torch.tensor([min(p.top_k, probs_BV.shape[1]) for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    min_p = torch.tensor([p.min_p for p in params], device=device)
     sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
     cum_BV = sorted_BV.cumsum(dim=-1)
-    rank_V = torch.arange(probs_BV.shape[1], device=device)
-    drop_BV = (cum_BV - sorted_BV) > top_p[:, None]
-    drop_BV |= rank_V[None, :] >= top_k[:, None]
-    drop_BV |= sorted_BV < (sorted_BV[:, :1] * min_p[:, None])
+    rank_V = torch.arange(probs_BV.shape[1], device=probs_BV.device)
+    drop_BV = (cum_BV - sorted_BV) > top_p_B[:, None]
+    drop_BV |= rank_V[None, :] >= top_k_B[:, None]
+    drop_BV |= sorted_BV < (sorted_BV[:, :1] * min_p_B[:, None])
     drop_BV[:, 0] = False  # the most likely token always stays
     kept_BV = sorted_BV.masked_fill(drop_BV, 0.0)
     return torch.zeros_like(probs_BV).scatter_(1, order_BV, kept_BV)
