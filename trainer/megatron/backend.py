@@ -713,7 +713,7 @@ class MegatronTrainer:
         path = Path(path)
         rank = self.par.rank
         token = self._shared_token()
-        tmp = path.parent / f".{path.name}.tmp-{token}"
+        tmp = ckpt.temp_path(path, token)
         if rank == 0:
             tmp = ckpt.begin(path, token)
         self._barrier()
