@@ -241,11 +241,16 @@ class MegatronTrainer:
         module: torch.nn.Module = gpt
         if self.compute_dtype != torch.float32:
             module = Float16Module(self.tconfig, gpt)  # casts every weight to bf16
-            if self.layout.router is not None and self.layout.router.fp32:
-                # HF (and the rollout engines) keep MiMo's router in fp32: so does the trainer.
-                for sub in gpt.modules():
-                    if isinstance(sub, mmodel.ReplayTopKRouter):
-                        sub.weight.data = sub.weight.data.float()
+            for sub in gpt.modules():
+                if not isinstance(sub, mmodel.ReplayTopKRouter):
+                    continue
+                # The selection bias is fp32 in HF and in Megatron (which restores it at every
+                # forward); set it before loading so the checkpoint's value is not rounded.
+                if sub.expert_bias is not None:
+                    sub.expert_bias.data = sub.expert_bias.data.float()
+                if self.layout.router is not None and self.layout.router.fp32:
+                    # HF (and the rollout engines) keep MiMo's router weight in fp32 too.
+                    sub.weight.data = sub.weight.data.float()
         convert.load_hf(
             gpt,
             convert.read_hf_checkpoint(path),
