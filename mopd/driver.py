@@ -464,6 +464,9 @@ class Driver:
             room = min(width - len(tasks), groups_wanted - done - len(tasks))
             for group in self.scheduler.next_groups(max(0, room)):
                 tasks[asyncio.create_task(self.run_group(group))] = (group, self.rollout_generation)
+            if not tasks and self.cfg.scheduler.mode == "async":
+                await asyncio.sleep(0.02)  # back-pressure: wait for the trainer to consume
+                continue
             if not tasks:
                 raise RunError(
                     "the scheduler handed out no work: raise scheduler.max_inflight_groups "
@@ -536,13 +539,7 @@ class Driver:
     async def train_step(self) -> dict[str, float]:
         """One optimizer step on samples from the stream; returns its metrics."""
         want = self.cfg.scheduler.prompts_per_step * self._group_size()
-        got: list[Delivery] = list(self.waiting)
-        self.waiting = []
-        while len(got) < want:
-            fresh = self.stream.read(CONSUMER, count=want - len(got), block_ms=100)
-            if not fresh:
-                break
-            got.extend(fresh)
+        got = await self._collect(want)
         by_id = {d.sample.sample.sample_id: d for d in got}
         selection = self.scheduler.select_batch(
             [d.sample for d in got], self.version, max_samples=want
@@ -577,23 +574,57 @@ class Driver:
         metrics["batch/samples"] = float(len(batch))
         metrics["batch/partial"] = float(selection.num_partial)
         metrics["batch/dropped_stale"] = float(len(selection.dropped_stale))
+        record = {
+            "step": self.step,
+            "trained_at_version": self.version - 1,
+            "samples": [d.sample.sample.sample_id for d in batch],
+            "oldest_token_versions": [
+                int(d.sample.sample.versions_T.min(initial=self.version)) for d in batch
+            ],
+        }
         with open(self.paths.trained_log, "a") as f:
-            f.write(
-                json.dumps(
-                    {"step": self.step, "samples": [d.sample.sample.sample_id for d in batch]}
-                )
-                + "\n"
-            )
+            f.write(json.dumps(record) + "\n")
         return metrics
+
+    async def _collect(self, want: int) -> list[Delivery]:
+        """Candidates for the next step: held-back samples first, then the stream.
+
+        Sync mode takes what the rollout phase published. Async mode waits until ``want``
+        admissible samples are there, dropping samples that became too stale on the way
+        (they free their in-flight slots, so rollout is never blocked by them).
+        """
+        got, self.waiting = list(self.waiting), []
+        while True:
+            fresh = self.stream.read(CONSUMER, count=max(1, want - len(got)), block_ms=20)
+            got.extend(fresh)
+            fresh_enough = [d for d in got if self.scheduler.admit(d.sample, self.version)]
+            if len(fresh_enough) >= want or (self.cfg.scheduler.mode == "sync" and not fresh):
+                return got
+            stale = [d for d in got if d not in fresh_enough]
+            if stale:
+                dropped = self.scheduler.select_batch(
+                    [d.sample for d in stale], self.version, max_samples=0
+                )
+                assert len(dropped.dropped_stale) == len(stale)
+                self.undropped.extend(stale)
+                got = fresh_enough
+            await asyncio.sleep(0.02)
 
     async def sync_weights(self) -> None:
         """Export the trainer's weights and load them on every rollout server."""
         t0 = time.perf_counter()
         target = self.paths.weights / f"v{self.version:08d}"
         path = await self.trainer.export_weights.remote(str(target), self.version)
-        result = await self.rollout.router.update_weights(
-            UpdateWeightsFromDisk(model_path=str(path), weight_version=str(self.version))
-        )
+        generation = self.rollout_generation
+        try:
+            result = await self.rollout.router.update_weights(
+                UpdateWeightsFromDisk(model_path=str(path), weight_version=str(self.version))
+            )
+        except EngineError as e:
+            await self.heal_rollout(generation)  # replaced servers are synced by heal_rollout
+            if self.rollout_generation == generation:
+                raise RunError(f"weight sync to the rollout servers failed: {e}") from e
+            return
         if not result.success:
             raise RunError(f"rollout servers refused weights v{self.version}: {result.message}")
         for old in sorted(self.paths.weights.glob("v*"))[:-2]:  # keep the last two versions
@@ -703,7 +734,6 @@ class Driver:
                 if self.producer is not None:
                     self.producer.result()  # surface a crash of the background rollout
                 self.producer = asyncio.create_task(self.rollout_until(10**12))
-            await self._wait_for_samples()
         try:
             metrics = await self.train_step()
             if self.step % cfg.trainer.checkpoint_every == 0 or self.step == cfg.trainer.steps:
@@ -741,11 +771,6 @@ class Driver:
         if _latest(self.paths.checkpoints) is None:
             raise RunError("the trainer died before the first checkpoint; nothing to resume from")
         await self.recover()
-
-    async def _wait_for_samples(self) -> None:
-        want = self.cfg.scheduler.prompts_per_step * self._group_size()
-        while len(self.waiting) + self.stream.depth()["undelivered"] < want:
-            await asyncio.sleep(0.05)
 
     def _step_metrics(self, step_s: float) -> dict[str, float]:
         out: dict[str, float] = {f"time/{k}_s": v for k, v in self.phase_s.items()}
@@ -875,15 +900,18 @@ def _summary_line(step: int, m: dict[str, float]) -> str:
     return "  ".join(parts)
 
 
-def trained_sample_ids(output_dir: str | Path) -> list[str]:
-    """Every sample id trained by committed steps, in order (the run's audit log)."""
+def trained_log(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The run's audit log: one record per committed step (step, the version it trained,
+    its sample ids and the oldest token version of each)."""
     path = Path(output_dir) / TRAINED_LOG
     if not path.exists():
         return []
-    out: list[str] = []
-    for line in path.read_text().splitlines():
-        out.extend(json.loads(line)["samples"])
-    return out
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-__all__ = ["Driver", "RunError", "RunPaths", "train", "trained_sample_ids"]
+def trained_sample_ids(output_dir: str | Path) -> list[str]:
+    """Every sample id trained by committed steps, in order."""
+    return [sid for record in trained_log(output_dir) for sid in record["samples"]]
+
+
+__all__ = ["Driver", "RunError", "RunPaths", "train", "trained_log", "trained_sample_ids"]
