@@ -54,6 +54,23 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
+        "tiny-checkpoints",
+        help="write tiny random checkpoints (quick starts and tests; no hub access)",
+        description="Write tiny random Hugging Face checkpoints DIR/NAME (one per NAME, seeds "
+        "SEED, SEED+1, ...) of a small MoE architecture, with a byte-level tokenizer shared by "
+        "all of them, so they can serve as student and teachers of a quick run.",
+    )
+    p.add_argument("dir", help="folder to write the checkpoints into")
+    p.add_argument("names", nargs="+", help="checkpoint names, e.g. sft teacher-math")
+    p.add_argument(
+        "--arch",
+        default="mimo_v2_flash",
+        help="mimo_v2_flash (default), qwen3_moe, mixtral or llama",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the first checkpoint")
+    p.set_defaults(func=_cmd_tiny_checkpoints)
+
+    p = sub.add_parser(
         "config-docs",
         help="list every config field with its type, default and meaning",
         description="Print the documented config schema, optionally one section only.",
@@ -101,6 +118,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except (RunError, FileNotFoundError) as e:
         print(f"mopd train: {e}", file=sys.stderr)
         return EXIT_RUN_ERROR
+    return 0
+
+
+def _cmd_tiny_checkpoints(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mopd.models.tiny import ARCHS, build_tiny_checkpoint
+
+    if args.arch not in ARCHS:
+        print(
+            f"mopd tiny-checkpoints: unknown --arch {args.arch!r}; accepted: {', '.join(ARCHS)}",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG_ERROR
+    for i, name in enumerate(args.names):
+        path = build_tiny_checkpoint(Path(args.dir) / name, args.arch, seed=args.seed + i)
+        print(path)
     return 0
 
 

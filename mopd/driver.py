@@ -474,16 +474,14 @@ class Driver:
                 )
             finished, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in finished:
-                group = tasks.pop(task)
+                group, generation = tasks.pop(task)
                 try:
                     if task.result():
                         done += 1
                 except EngineError as e:
-                    log.warning(
-                        "rollout of %s failed (%s); restarting dead servers", group.group_id, e
-                    )
+                    log.warning("rollout of %s failed: %s", group.group_id, e)
                     self.scheduler.requeue(group.group_id)
-                    await self.heal_rollout()
+                    await self.heal_rollout(generation)
 
     def _group_size(self) -> int:
         return max(s.group_size for s in self.cfg.data.sources)
