@@ -1027,7 +1027,11 @@ class Engine:
     # -- the loop -------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        torch.set_grad_enabled(False)
+        # Inference mode (no autograd, no view tracking or version counters): cheaper ops.
+        with torch.inference_mode():
+            self._serve()
+
+    def _serve(self) -> None:
         while not self._stop.is_set():
             try:
                 idle = self._memory_released or self._paused
