@@ -164,6 +164,8 @@ class Driver:
         self.rollout_stats: dict[str, list[float]] = defaultdict(list)
         self.main_started = False
         self.rollout_generation = 0  # bumped each time the rollout servers are replaced
+        self._reserved_requests = 0  # request slots held by groups in flight
+        self._request_done = asyncio.Event()
         self._heal_lock: asyncio.Lock | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -406,7 +408,7 @@ class Driver:
         version = self.version
         t0 = time.perf_counter()
         requests = [self._request(group.prompt, sid) for sid in group.sample_ids()]
-        outs = await asyncio.gather(*(self.rollout.router.generate(r) for r in requests))
+        outs = await asyncio.gather(*(self._generate(r) for r in requests))
         if any(o.aborted for o in outs):
             self.scheduler.requeue(group.group_id)
             return []
@@ -450,34 +452,65 @@ class Driver:
             self.stream.publish(scored)
         return scored
 
+    async def _generate(self, request: GenerateRequest) -> GenerateOutput:
+        """One generate call; frees its request slot (reserved by rollout_until) when done."""
+        try:
+            return await self.rollout.router.generate(request)
+        finally:
+            self._reserved_requests -= 1
+            self._request_done.set()
+
     async def rollout_until(self, groups_wanted: int) -> None:
-        """Keep rollout busy until ``groups_wanted`` groups with a learning signal are published."""
+        """Keep every request slot of the rollout servers busy until ``groups_wanted`` groups
+        with a learning signal are published.
+
+        Work is refilled per request slot, not per group: a group holds a slot only while its
+        own sample is generating, so the short samples of a group free their slots for the
+        next group while its longest sample is still running. In async mode, groups that
+        have become too stale to ever train (handed out more than ``max_staleness`` versions
+        ago) are aborted and handed out again instead of finishing for nothing.
+        """
+        cfg = self.cfg
+        capacity = cfg.rollout.max_running_requests * self.rollout_replicas
         done = 0
         tasks: dict[asyncio.Task, tuple[PromptGroup, int]] = {}
-        width = max(
-            1,
-            self.cfg.rollout.max_running_requests
-            * self.rollout_replicas
-            // max(1, self._group_size()),
-        )
         while done < groups_wanted:
-            room = min(width - len(tasks), groups_wanted - done - len(tasks))
-            for group in self.scheduler.next_groups(max(0, room)):
-                tasks[asyncio.create_task(self.run_group(group))] = (group, self.rollout_generation)
-            if not tasks and self.cfg.scheduler.mode == "async":
+            if cfg.scheduler.mode == "async":
+                for task, (group, _) in tasks.items():
+                    if self.version - group.version > cfg.scheduler.max_staleness:
+                        task.cancel()
+            while groups_wanted - done - len(tasks) > 0 and (
+                not tasks or self._reserved_requests + self._group_size() <= capacity
+            ):
+                groups = self.scheduler.next_groups(1)
+                if not groups:
+                    break
+                self._reserved_requests += groups[0].group_size
+                task = asyncio.create_task(self.run_group(groups[0]))
+                tasks[task] = (groups[0], self.rollout_generation)
+            if not tasks and cfg.scheduler.mode == "async":
                 await asyncio.sleep(0.02)  # back-pressure: wait for the trainer to consume
                 continue
             if not tasks:
                 raise RunError(
                     "the scheduler handed out no work: raise scheduler.max_inflight_groups "
-                    f"(now {self.cfg.scheduler.max_inflight_groups})"
+                    f"(now {cfg.scheduler.max_inflight_groups})"
                 )
-            finished, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            self._request_done.clear()
+            slot_freed = asyncio.create_task(self._request_done.wait())
+            finished, _ = await asyncio.wait(
+                [*tasks, slot_freed], return_when=asyncio.FIRST_COMPLETED
+            )
+            slot_freed.cancel()
             for task in finished:
+                if task is slot_freed:
+                    continue
                 group, generation = tasks.pop(task)
                 try:
                     if task.result():
                         done += 1
+                except asyncio.CancelledError:
+                    self.scheduler.requeue(group.group_id)  # too stale to train: redo it
                 except EngineError as e:
                     log.warning("rollout of %s failed: %s", group.group_id, e)
                     self.scheduler.requeue(group.group_id)
@@ -537,14 +570,19 @@ class Driver:
     async def train_step(self) -> dict[str, float]:
         """One optimizer step on samples from the stream; returns its metrics."""
         want = self.cfg.scheduler.prompts_per_step * self._group_size()
-        got = await self._collect(want)
-        by_id = {d.sample.sample.sample_id: d for d in got}
-        selection = self.scheduler.select_batch(
-            [d.sample for d in got], self.version, max_samples=want
-        )
-        batch = [by_id[s.sample.sample_id] for s in selection.batch]
-        self.waiting = [by_id[s.sample.sample_id] for s in selection.waiting]
-        self.undropped.extend(by_id[s.sample.sample_id] for s in selection.dropped_stale)
+        while True:
+            got = await self._collect(want)
+            by_id = {d.sample.sample.sample_id: d for d in got}
+            selection = self.scheduler.select_batch(
+                [d.sample for d in got], self.version, max_samples=want
+            )
+            batch = [by_id[s.sample.sample_id] for s in selection.batch]
+            self.waiting = [by_id[s.sample.sample_id] for s in selection.waiting]
+            self.undropped.extend(by_id[s.sample.sample_id] for s in selection.dropped_stale)
+            if batch or self.cfg.scheduler.mode == "sync":
+                break
+            # Async: every admissible sample was held back by the partial cap; wait for more.
+            await asyncio.sleep(0.05)
         if not batch:
             raise RunError(
                 "no trainable samples for this step (all too stale?): check scheduler.max_staleness"

@@ -163,15 +163,18 @@ def test_mopd_run_logs_checkpoints_and_resumes(models, tmp_path: Path):
     assert depth["pending"] == 0 and depth["undelivered"] == 0
 
 
-def _wait(predicate, timeout_s: float, what: str, proc: subprocess.Popen) -> None:
+def _wait(predicate, timeout_s: float, what: str, proc: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
             return
         if proc.poll() is not None:
-            raise AssertionError(f"run exited ({proc.returncode}) while waiting for {what}")
+            tail = log.read_text()[-4000:]
+            raise AssertionError(
+                f"run exited ({proc.returncode}) while waiting for {what}:\n{tail}"
+            )
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
 
 
 def _steps(out: Path) -> int:
@@ -194,12 +197,13 @@ def test_killed_trainer_and_rollout_server_lose_no_sample_and_train_none_twice(
     )
     mopd = shutil.which("mopd")
     assert mopd is not None, "pip install -e . first"
-    with open(tmp_path / "run.log", "w") as log_file:
+    run_log = tmp_path / "run.log"
+    with open(run_log, "w") as log_file:
         proc = subprocess.Popen(
             [mopd, "train", str(cfg_path)], stdout=log_file, stderr=subprocess.STDOUT
         )
         try:
-            _wait(lambda: _steps(out) >= 4, 300, "step 4", proc)
+            _wait(lambda: _steps(out) >= 4, 300, "step 4", proc, run_log)
             first = _pids(out)
             os.kill(first["trainer"], signal.SIGKILL)  # dies after its checkpoint at step 3
             _wait(
@@ -207,9 +211,16 @@ def test_killed_trainer_and_rollout_server_lose_no_sample_and_train_none_twice(
                 300,
                 "trainer restart",
                 proc,
+                run_log,
             )
             after_restart = _steps(out)
-            _wait(lambda: _steps(out) >= after_restart + 2, 300, "progress after restart", proc)
+            _wait(
+                lambda: _steps(out) >= after_restart + 2,
+                300,
+                "progress after restart",
+                proc,
+                run_log,
+            )
             os.kill(_pids(out)["rollout"][0], signal.SIGKILL)
             proc.wait(timeout=600)
         finally:
