@@ -56,9 +56,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,174 +64,36 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mopd.algo import entropy_from_logits, kl_k1, selective_log_softmax, train_rollout_mismatch
-from mopd.algo.registry import LOSSES, lookup
 from mopd.config.schema import AlgorithmConfig, ModelConfig, TrainerConfig
 from mopd.types import MicroBatch
 from trainer import checkpoint as ckpt
+from trainer.common import (
+    NO_ROUTES_WARNING,
+    PackedBatch,
+    RegistryLoss,
+    StepMetrics,
+    all_reduce_sum,
+    gather_metrics,
+    loss_count,
+    loss_kwargs,
+    loss_logprobs,
+    record_loss_metrics,
+    resolve_dtype,
+    sequence_logprobs,
+    shared_token,
+    step_weights,
+    to_batch,
+    token_metrics,
+)
 from trainer.export import export_hf_checkpoint, named_tensors_for_handoff, serialize_named_tensors
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.r3_hooks import RoutingReplay
 
+# loss_count, loss_kwargs and resolve_dtype live in trainer.common; re-exported here, where
+# they were first public.
 __all__ = ["TorchTrainer", "loss_count", "loss_kwargs", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Loss metrics that are means over samples (the rest are means over valid tokens).
-_SAMPLE_MEANS = frozenset({"orm_adv_mean"})
-# Loss metrics that add up across micro-batches.
-_SUMS = frozenset({"num_tokens", "num_samples"})
-
-
-def resolve_dtype(name: str, device: torch.device, *, field: str = "trainer.dtype") -> torch.dtype:
-    """``auto`` -> bf16 on CUDA, fp32 elsewhere; else the named dtype."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"{field}={name!r}; accepted values: auto, {', '.join(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def loss_kwargs(cfg: AlgorithmConfig) -> dict[str, Any]:
-    """Keyword arguments of the registry loss ``cfg.loss`` taken from the algorithm config."""
-    lookup("algorithm.loss", LOSSES, cfg.loss)
-    if cfg.loss == "sft":
-        return {"aggregation": cfg.aggregation}
-    if cfg.loss == "rl":
-        if cfg.kl_coef > 0:
-            raise ValueError(
-                f"algorithm.kl_coef={cfg.kl_coef}: the KL penalty needs reference-policy "
-                "log-probs, which micro-batches do not carry yet; set algorithm.kl_coef=0"
-            )
-        return {
-            "is_correction": cfg.is_correction,
-            "eps_low": cfg.eps_low,
-            "eps_high": cfg.eps_high,
-            "clip_low": cfg.clip_low,
-            "clip_high": cfg.clip_high,
-            "aggregation": cfg.aggregation,
-        }
-    if cfg.teacher_kl != "sampled":
-        raise ValueError(
-            f"algorithm.teacher_kl={cfg.teacher_kl!r}: micro-batches do not carry the teacher's "
-            "top-k log-probs yet; use teacher_kl=sampled"
-        )
-    return {
-        "alpha": cfg.alpha,
-        "eps_low": cfg.eps_low,
-        "eps_high": cfg.eps_high,
-        "aggregation": cfg.aggregation,
-        "student_logprob_source": cfg.student_logprob_source,
-        "teacher_kl": cfg.teacher_kl,
-    }
-
-
-def loss_count(mb: MicroBatch, aggregation: str) -> int:
-    """What a micro-batch adds to the step's aggregation denominator: non-empty sequences
-    (``seq_mean_token_mean``) or loss tokens (``token_mean``)."""
-    if aggregation == "token_mean":
-        return int(mb.loss_mask_N.sum())
-    per_seq = np.add.reduceat(mb.loss_mask_N.astype(np.int64), mb.cu_seqlens_B1[:-1])
-    return int((per_seq > 0).sum())
-
-
-@dataclass
-class _Batch:
-    """One micro-batch on the device, in the layouts the forward and the loss need."""
-
-    tokens_1N: torch.Tensor
-    positions_1N: torch.Tensor
-    rows_M: torch.Tensor  # token positions that carry loss (never a sequence start)
-    seq_M: torch.Tensor  # their sequence index
-    pos_M: torch.Tensor  # their offset inside the sequence
-    mask_BT: torch.Tensor
-    logp_rollout_BT: torch.Tensor
-    logp_teacher_BT: torch.Tensor | None
-    adv_B: torch.Tensor
-    routes_NLk: torch.Tensor | None
-    agree_N: torch.Tensor
-    starts_B: torch.Tensor
-    domains: tuple[str, ...]
-    num_tokens: int
-
-
-def _to_batch(mb: MicroBatch, device: torch.device, vocab_size: int) -> _Batch:
-    if not isinstance(mb, MicroBatch):
-        raise ValueError(f"forward_backward expects MicroBatch records, got {type(mb).__name__}")
-    cu = mb.cu_seqlens_B1.astype(np.int64)
-    B, N = mb.num_sequences, mb.num_tokens
-    lengths = np.diff(cu)
-    if mb.loss_mask_N[cu[:-1]].any():
-        raise ValueError(
-            "a sequence's first token carries loss, but it has no preceding context to be "
-            "predicted from; the first token of every sequence must be a prompt token"
-        )
-    if N and (int(mb.tokens_N.min()) < 0 or int(mb.tokens_N.max()) >= vocab_size):
-        raise ValueError(
-            f"token ids span [{mb.tokens_N.min()}, {mb.tokens_N.max()}] but the model has "
-            f"vocab_size={vocab_size}; were the samples tokenized for another model?"
-        )
-    seq_N = np.repeat(np.arange(B), lengths)
-    pos_N = np.arange(N) - cu[seq_N]
-    T = int(lengths.max())
-    rows = np.flatnonzero(mb.loss_mask_N)
-
-    def padded(x_N: np.ndarray) -> torch.Tensor:
-        out = np.zeros((B, T), dtype=np.float32)
-        out[seq_N[rows], pos_N[rows]] = x_N[rows]
-        return torch.from_numpy(out).to(device)
-
-    mask_BT = np.zeros((B, T), dtype=bool)
-    mask_BT[seq_N[rows], pos_N[rows]] = True
-    agree_N = np.ones(N, dtype=bool)
-    agree_N[cu[1:] - 1] = False  # the last token's route row is a copy, not a recorded choice
-    return _Batch(
-        tokens_1N=torch.from_numpy(mb.tokens_N.astype(np.int64))[None].to(device),
-        positions_1N=torch.from_numpy(pos_N)[None].to(device),
-        rows_M=torch.from_numpy(rows).to(device),
-        seq_M=torch.from_numpy(seq_N[rows]).to(device),
-        pos_M=torch.from_numpy(pos_N[rows]).to(device),
-        mask_BT=torch.from_numpy(mask_BT).to(device),
-        logp_rollout_BT=padded(mb.logp_rollout_N),
-        logp_teacher_BT=None if mb.logp_teacher_N is None else padded(mb.logp_teacher_N),
-        adv_B=torch.from_numpy(mb.adv_orm_B).to(device),
-        routes_NLk=None if mb.routes_NLk is None else torch.from_numpy(mb.routes_NLk).to(device),
-        agree_N=torch.from_numpy(agree_N).to(device),
-        starts_B=torch.from_numpy(cu[:-1]).to(device),
-        domains=mb.domains,
-        num_tokens=N,
-    )
-
-
-class _Metrics:
-    """Sums and weighted means gathered over micro-batches (and ranks)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
-        self.means: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-
-    def add_sum(self, key: str, value: float) -> None:
-        self.sums[key] += float(value)
-
-    def add_mean(self, key: str, value: float, weight: float) -> None:
-        acc = self.means[key]
-        acc[0] += float(value) * weight
-        acc[1] += weight
-
-    def merge(self, other: _Metrics) -> None:
-        for k, v in other.sums.items():
-            self.sums[k] += v
-        for k, (s, w) in other.means.items():
-            self.means[k][0] += s
-            self.means[k][1] += w
-
-    def result(self) -> dict[str, float]:
-        out = dict(self.sums)
-        for k, (s, w) in self.means.items():
-            if w > 0:
-                out[k] = s / w
-        return out
 
 
 def _rng_state() -> dict[str, Any]:
@@ -301,8 +161,7 @@ class TorchTrainer:
         self.trainer_cfg = trainer_cfg
         self.model_cfg = model_cfg
         self.algorithm_cfg = algorithm_cfg
-        self._loss_fn: Callable[..., Any] = lookup("algorithm.loss", LOSSES, algorithm_cfg.loss)
-        self._loss_kwargs = loss_kwargs(algorithm_cfg)
+        self._loss = RegistryLoss(algorithm_cfg)
         self.export_max_shard_size = export_max_shard_size
 
         self._world = dist.get_world_size() if dist.is_initialized() else 1
@@ -386,20 +245,20 @@ class TorchTrainer:
 
     # ------------------------------------------------------------------ forward
 
-    def _forward_logits(self, batch: _Batch) -> torch.Tensor:
+    def _forward_logits(self, batch: PackedBatch) -> torch.Tensor:
+        """[N, V] logits: the packed row as a batch of one, positions restarting per sequence."""
         with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self._autocast):
             out = self._hf_model(
-                input_ids=batch.tokens_1N, position_ids=batch.positions_1N, use_cache=False
+                input_ids=batch.tokens_N[None],
+                position_ids=batch.positions_N[None],
+                use_cache=False,
             )
         return out.logits[0]
 
-    def _routes_for(self, batch: _Batch) -> torch.Tensor | None:
+    def _routes_for(self, batch: PackedBatch) -> torch.Tensor | None:
         missing = batch.routes_NLk is None and self.r3.is_moe and self.trainer_cfg.routing_replay
         if missing and not self._warned_no_routes:
-            log.warning(
-                "routing_replay is on but micro-batches carry no routes: the trainer uses "
-                "its own routing (enable rollout.return_routed_experts)"
-            )
+            log.warning(NO_ROUTES_WARNING)
             self._warned_no_routes = True
         return batch.routes_NLk if self.r3.is_moe else None
 
@@ -412,41 +271,21 @@ class TorchTrainer:
         """
         out = []
         for mb in micro_batches:
-            batch = _to_batch(mb, self.device, self.vocab_size)
+            batch = self._to_batch(mb)
             with self.r3.bind(self._routes_for(batch), batch.agree_N):
                 logits_NV = self._forward_logits(batch)
-            logp_N = torch.zeros(batch.num_tokens, dtype=torch.float32, device=self.device)
-            if batch.num_tokens > 1:
-                logp_N[1:] = selective_log_softmax(logits_NV[:-1], batch.tokens_1N[0, 1:])
-            logp_N[batch.starts_B] = 0.0
-            out.append(logp_N.cpu().numpy())
+            out.append(sequence_logprobs(logits_NV, batch))
         return out
 
     # ------------------------------------------------------------------ protocol
 
-    def _all_reduce_sum(self, values: list[float]) -> list[float]:
-        if self._world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
+    def _to_batch(self, mb: MicroBatch) -> PackedBatch:
+        # Routes go over as recorded (uint8/uint16, all layers): RoutingReplay picks the MoE
+        # layers and widens them to int64 on the device, which copies fewer bytes.
+        return to_batch(mb, self.device, self.vocab_size)
 
-    def _call_loss(self, logp_BT: torch.Tensor, b: _Batch) -> tuple[torch.Tensor, dict]:
-        loss = self.algorithm_cfg.loss
-        if loss == "sft":
-            return self._loss_fn(logp_BT, b.mask_BT, **self._loss_kwargs)
-        if loss == "rl":
-            return self._loss_fn(
-                logp_BT, b.logp_rollout_BT, b.adv_B, b.mask_BT, **self._loss_kwargs
-            )
-        if b.logp_teacher_BT is None:
-            raise ValueError(
-                "algorithm.loss=mopd needs teacher log-probs, but a micro-batch has none; "
-                "score every sample with its domain teacher before training"
-            )
-        return self._loss_fn(
-            logp_BT, b.logp_rollout_BT, b.logp_teacher_BT, b.adv_B, b.mask_BT, **self._loss_kwargs
-        )
+    def _all_reduce_sum(self, values: list[float]) -> list[float]:
+        return all_reduce_sum(values, size=self._world, device=self.device)
 
     def forward_backward(self, micro_batches: Sequence[MicroBatch]) -> dict[str, float]:
         """Accumulate the gradients of one step's micro-batches; return the step's metrics.
@@ -460,100 +299,26 @@ class TorchTrainer:
         Calling it twice before ``optim_step`` adds the two steps' gradients.
         """
         micro_batches = list(micro_batches)
-        if not micro_batches:
-            raise ValueError("forward_backward needs at least one micro-batch")
-        aggregation = self.algorithm_cfg.aggregation
-        local = sum(loss_count(mb, aggregation) for mb in micro_batches)
-        (denom,) = self._all_reduce_sum([float(local)])
-        denom = max(denom, 1.0)
-        uses_rollout = self.algorithm_cfg.loss != "sft"
-        student_train = self.algorithm_cfg.student_logprob_source == "train"
-        m = _Metrics()
+        weights = step_weights(micro_batches, self.algorithm_cfg.aggregation, self._all_reduce_sum)
+        m = StepMetrics()
         last = len(micro_batches) - 1
-        for i, mb in enumerate(micro_batches):
-            b = _to_batch(mb, self.device, self.vocab_size)
+        for i, (mb, weight) in enumerate(zip(micro_batches, weights, strict=True)):
+            b = self._to_batch(mb)
             if self._world > 1:
                 self._hf_model.set_requires_gradient_sync(i == last)
             with self.r3.bind(self._routes_for(b), b.agree_N):
                 with self.r3.measuring():
                     logits_NV = self._forward_logits(b)
-                logits_MV = logits_NV[b.rows_M - 1]
-                logp_M = selective_log_softmax(logits_MV, b.tokens_1N[0, b.rows_M])
-                logp_BT = torch.zeros_like(b.logp_rollout_BT).index_put((b.seq_M, b.pos_M), logp_M)
-                loss, lm = self._call_loss(logp_BT, b)
-                weight = loss_count(mb, aggregation) / denom
+                logits_MV, logp_BT = loss_logprobs(logits_NV, b)
+                loss, lm = self._loss(logp_BT, b)
+                # FSDP2 averages gradients over ranks; the weights are shares of the global count.
                 (loss * (weight * self._world)).backward()
             hits, total = self.r3.pop_agreement()
             if total:
                 m.add_mean("route_agreement", hits / total, total)
-            ntok = float(lm.get("num_tokens", 0.0))
-            m.add_sum("loss", lm["loss"] * weight)
-            m.add_sum("tokens", b.num_tokens)
-            for key, value in lm.items():
-                if key == "loss":
-                    continue
-                if key in _SUMS:
-                    m.add_sum(key, value)
-                else:
-                    m.add_mean(key, value, lm["num_samples"] if key in _SAMPLE_MEANS else ntok)
-            with torch.no_grad():
-                self._token_metrics(m, mb, b, logits_MV, logp_BT, ntok, uses_rollout, student_train)
-        return self._finish_metrics(m)
-
-    def _token_metrics(
-        self,
-        m: _Metrics,
-        mb: MicroBatch,
-        b: _Batch,
-        logits_MV: torch.Tensor,
-        logp_BT: torch.Tensor,
-        ntok: float,
-        uses_rollout: bool,
-        student_train: bool,
-    ) -> None:
-        if ntok == 0:
-            return
-        logp_BT = logp_BT.detach()
-        m.add_mean("entropy", float(entropy_from_logits(logits_MV.detach()).mean()), ntok)
-        if uses_rollout:
-            k3 = train_rollout_mismatch(b.logp_rollout_BT, logp_BT, b.mask_BT)
-            m.add_mean("train_rollout_k3", float(k3), ntok)
-        if mb.versions_N is not None and mb.loss_mask_N.any():
-            oldest = int(mb.versions_N[mb.loss_mask_N].min())
-            if oldest >= 0:
-                m.sums["staleness_max"] = max(m.sums["staleness_max"], self._version - oldest)
-        if not b.domains:
-            return
-        seq_tokens_B = b.mask_BT.sum(dim=1).cpu().numpy()
-        term_BT = None
-        if b.logp_teacher_BT is not None:
-            student_BT = logp_BT if student_train else b.logp_rollout_BT
-            term_BT = torch.where(b.mask_BT, kl_k1(b.logp_teacher_BT, student_BT), 0.0)
-            term_B = term_BT.sum(dim=1).cpu().numpy()
-        adv_B = mb.adv_orm_B
-        for d in sorted(set(b.domains)):
-            sel = np.array([x == d for x in b.domains]) & (seq_tokens_B > 0)
-            if not sel.any():
-                continue
-            n = float(seq_tokens_B[sel].sum())
-            if term_BT is not None:
-                m.add_mean(f"teacher_log_ratio/{d}", float(term_B[sel].sum()) / n, n)
-            m.add_mean(f"orm_adv/{d}", float(adv_B[sel].mean()), float(sel.sum()))
-
-    def _finish_metrics(self, m: _Metrics) -> dict[str, float]:
-        if self._world > 1:
-            gathered: list[Any] = [None] * self._world
-            dist.all_gather_object(gathered, (dict(m.sums), dict(m.means)))
-            m = _Metrics()
-            for sums, means in gathered:
-                part = _Metrics()
-                part.sums.update(sums)
-                part.means.update({k: list(v) for k, v in means.items()})
-                m.merge(part)
-            stale = [s["staleness_max"] for s, _ in gathered if "staleness_max" in s]
-            if stale:
-                m.sums["staleness_max"] = max(stale)
-        out = m.result()
+            ntok = record_loss_metrics(m, lm, weight, b.num_tokens)
+            token_metrics(m, mb, b, logits_MV, logp_BT, ntok, self.algorithm_cfg, self._version)
+        out = gather_metrics(m, size=self._world).result()
         out["version"] = float(self._version)
         return out
 
@@ -610,20 +375,12 @@ class TorchTrainer:
         if self._world > 1:
             dist.barrier()
 
-    def _shared_token(self) -> str:
-        import uuid
-
-        token = [uuid.uuid4().hex]
-        if self._world > 1:
-            dist.broadcast_object_list(token, src=0)
-        return token[0]
-
     def save(self, path: str | Path) -> Path:
         """Write a checkpoint into directory ``path`` atomically (see the module docstring)."""
         path = Path(path)
         model_sd = self._full_model_state()  # collectives: every rank takes part
         optim_sd = self._full_optimizer_state()
-        token = self._shared_token()
+        token = shared_token(self._world)
         tmp = ckpt.temp_path(path, token)
         if self._rank == 0:
             ckpt.begin(path, token)
