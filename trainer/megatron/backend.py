@@ -55,10 +55,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-import uuid
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,81 +63,41 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mopd.algo import entropy_from_logits, kl_k1, selective_log_softmax, train_rollout_mismatch
-from mopd.algo.registry import LOSSES, lookup
 from mopd.config.schema import AlgorithmConfig, ModelConfig, TrainerConfig
 from mopd.types import MicroBatch
 from trainer import checkpoint as ckpt
+from trainer.common import (
+    NO_ROUTES_WARNING,
+    PackedBatch,
+    RegistryLoss,
+    StepMetrics,
+    all_reduce_sum,
+    gather_metrics,
+    loss_logprobs,
+    record_loss_metrics,
+    resolve_dtype,
+    sequence_logprobs,
+    shared_token,
+    step_weights,
+    to_batch,
+    token_metrics,
+)
 from trainer.export import write_hf_checkpoint
 from trainer.megatron import convert, parallel
 from trainer.megatron import model as mmodel
 from trainer.optim import lr_at
-from trainer.torch_backend import loss_count, loss_kwargs, resolve_dtype
 
 __all__ = ["MegatronTrainer"]
 
 log = logging.getLogger(__name__)
 
-# Loss metrics that add up across micro-batches; orm_adv_mean is a mean over samples.
-_SUMS = frozenset({"num_tokens", "num_samples"})
-_SAMPLE_MEANS = frozenset({"orm_adv_mean"})
 # Tensors HF keeps in fp32 whatever the model dtype (MiMo's router), per architecture.
 _KEEP_FP32 = {"mimo_v2_flash": ("mlp.gate.weight", "e_score_correction_bias")}
 
 
-@dataclass
-class _Batch:
-    """One micro-batch on the device, laid out for the forward and the loss."""
-
-    tokens_N: torch.Tensor  # padded to a multiple of TP (sequence parallelism)
-    cu_B1: torch.Tensor  # boundaries incl. a padding sequence, if any
-    num_tokens: int  # real tokens (before padding)
-    rows_M: torch.Tensor
-    seq_M: torch.Tensor
-    pos_M: torch.Tensor
-    mask_BT: torch.Tensor
-    logp_rollout_BT: torch.Tensor
-    logp_teacher_BT: torch.Tensor | None
-    adv_B: torch.Tensor
-    routes_NLk: torch.Tensor | None  # MoE layers only, padded like tokens_N
-    agree_N: torch.Tensor  # rows whose route is a recorded choice (padded like tokens_N)
-    starts_B: torch.Tensor
-    domains: tuple[str, ...]
-
-
-class _Metrics:
-    """Sums and weighted means over micro-batches, merged over data-parallel ranks."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
-        self.means: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-
-    def add_sum(self, key: str, value: float) -> None:
-        self.sums[key] += float(value)
-
-    def add_mean(self, key: str, value: float, weight: float) -> None:
-        acc = self.means[key]
-        acc[0] += float(value) * weight
-        acc[1] += float(weight)
-
-    def merge(self, sums: dict[str, float], means: dict[str, list[float]]) -> None:
-        for k, v in sums.items():
-            if k == "staleness_max":
-                self.sums[k] = max(self.sums.get(k, v), v)
-            else:
-                self.sums[k] += v
-        for k, (s, w) in means.items():
-            self.means[k][0] += s
-            self.means[k][1] += w
-
-    def result(self) -> dict[str, float]:
-        out = dict(self.sums)
-        for k, (s, w) in self.means.items():
-            if w > 0:
-                out[k] = s / w
-        return out
-
-
+# The RNG state format differs from the torch backend's on purpose: checkpoints of each
+# backend are read only by that backend, and this one (one process per GPU) saves the current
+# device's CUDA state only; changing either would break loading existing checkpoints.
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state: dict[str, Any] = {
@@ -194,8 +151,7 @@ class MegatronTrainer:
         self.trainer_cfg = trainer_cfg
         self.model_cfg = model_cfg
         self.algorithm_cfg = algorithm_cfg
-        self._loss_fn = lookup("algorithm.loss", LOSSES, algorithm_cfg.loss)
-        self._loss_kwargs = loss_kwargs(algorithm_cfg)
+        self._loss = RegistryLoss(algorithm_cfg)
         self.export_max_shard_size = export_max_shard_size
 
         path = Path(model_cfg.path)
@@ -329,70 +285,16 @@ class MegatronTrainer:
 
     # ------------------------------------------------------------------ batches
 
-    def _to_batch(self, mb: MicroBatch, run_tokens: int | None = None) -> _Batch:
-        if not isinstance(mb, MicroBatch):
-            raise ValueError(
-                f"forward_backward expects MicroBatch records, got {type(mb).__name__}"
-            )
-        V = self.layout.vocab_size
-        cu = mb.cu_seqlens_B1.astype(np.int64)
-        B, N = mb.num_sequences, mb.num_tokens
-        lengths = np.diff(cu)
-        if mb.loss_mask_N[cu[:-1]].any():
-            raise ValueError(
-                "a sequence's first token carries loss, but it has no preceding context to be "
-                "predicted from; the first token of every sequence must be a prompt token"
-            )
-        if N and (int(mb.tokens_N.min()) < 0 or int(mb.tokens_N.max()) >= V):
-            raise ValueError(
-                f"token ids span [{mb.tokens_N.min()}, {mb.tokens_N.max()}] but the model has "
-                f"vocab_size={V}; were the samples tokenized for another model?"
-            )
-        seq_N = np.repeat(np.arange(B), lengths)
-        pos_N = np.arange(N) - cu[seq_N]
-        T = int(lengths.max())
-        rows = np.flatnonzero(mb.loss_mask_N)
-        dev = self.device
-
-        def padded(x_N: np.ndarray) -> torch.Tensor:
-            out = np.zeros((B, T), dtype=np.float32)
-            out[seq_N[rows], pos_N[rows]] = x_N[rows]
-            return torch.from_numpy(out).to(dev)
-
-        mask_BT = np.zeros((B, T), dtype=bool)
-        mask_BT[seq_N[rows], pos_N[rows]] = True
-        # The row runs as ``run_tokens`` tokens (see ``_run_lengths``): the real ones, then one
-        # padding sequence that is never scored and whose route rows are never measured.
-        run = N if run_tokens is None else run_tokens
-        pad = run - N
-        tokens = np.concatenate([mb.tokens_N.astype(np.int64), np.zeros(pad, np.int64)])
-        cu_run = np.concatenate([cu, [N + pad]]) if pad else cu
-        agree_N = np.zeros(N + pad, dtype=bool)
-        agree_N[:N] = True
-        agree_N[cu[1:] - 1] = False  # the last token's route row is a copy, not a choice
-        routes = None
-        if mb.routes_NLk is not None:
-            r = self._moe_routes(mb.routes_NLk)
-            if pad:
-                # Distinct ids per row, like any top-k choice (expert 0, 1, ..., k-1).
-                fill = np.broadcast_to(np.arange(r.shape[2], dtype=r.dtype), (pad, *r.shape[1:]))
-                r = np.concatenate([r, fill])
-            routes = torch.from_numpy(r.astype(np.int64)).to(dev)
-        return _Batch(
-            tokens_N=torch.from_numpy(tokens).to(dev),
-            cu_B1=torch.from_numpy(cu_run.astype(np.int32)).to(dev),
-            num_tokens=N,
-            rows_M=torch.from_numpy(rows).to(dev),
-            seq_M=torch.from_numpy(seq_N[rows]).to(dev),
-            pos_M=torch.from_numpy(pos_N[rows]).to(dev),
-            mask_BT=torch.from_numpy(mask_BT).to(dev),
-            logp_rollout_BT=padded(mb.logp_rollout_N),
-            logp_teacher_BT=None if mb.logp_teacher_N is None else padded(mb.logp_teacher_N),
-            adv_B=torch.from_numpy(mb.adv_orm_B).to(dev),
-            routes_NLk=routes,
-            agree_N=torch.from_numpy(agree_N).to(dev),
-            starts_B=torch.from_numpy(cu[:-1]).to(dev),
-            domains=mb.domains,
+    def _to_batch(self, mb: MicroBatch, run_tokens: int | None = None) -> PackedBatch:
+        # Megatron runs the row as ``run_tokens`` tokens (see ``_run_lengths``) and replays the
+        # MoE layers' routes only, as int64 (RouterReplay's target indices); the torch backend
+        # does neither (its RoutingReplay selects the layers itself).
+        return to_batch(
+            mb,
+            self.device,
+            self.layout.vocab_size,
+            run_tokens=run_tokens,
+            select_routes=lambda r: self._moe_routes(r).astype(np.int64),
         )
 
     def _run_lengths(self, micro_batches: Sequence[MicroBatch]) -> list[int]:
@@ -445,7 +347,7 @@ class MegatronTrainer:
 
     # ------------------------------------------------------------------ R3
 
-    def _bind_routes(self, b: _Batch) -> None:
+    def _bind_routes(self, b: PackedBatch) -> None:
         """Set every MoE layer's RouterReplay for this micro-batch's forward."""
         from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
@@ -453,10 +355,7 @@ class MegatronTrainer:
             r.clear_indices()
         if b.routes_NLk is None:
             if self.trainer_cfg.routing_replay and not self._warned_no_routes:
-                log.warning(
-                    "routing_replay is on but micro-batches carry no routes: the trainer uses "
-                    "its own routing (enable rollout.return_routed_experts)"
-                )
+                log.warning(NO_ROUTES_WARNING)
                 self._warned_no_routes = True
             for r in self._replays:
                 r.clear_router_replay_action()
@@ -477,7 +376,7 @@ class MegatronTrainer:
         n = x_N.shape[0] // self.par.tp
         return x_N[self.par.tp_rank * n : (self.par.tp_rank + 1) * n]
 
-    def _agreement(self, b: _Batch) -> tuple[float, float]:
+    def _agreement(self, b: PackedBatch) -> tuple[float, float]:
         """(hits, entries) of the router's own top-k vs the replayed ids, this rank's rows."""
         if b.routes_NLk is None:
             return 0.0, 0.0
@@ -507,7 +406,7 @@ class MegatronTrainer:
 
     # ------------------------------------------------------------------ forward
 
-    def _logits(self, b: _Batch) -> torch.Tensor:
+    def _logits(self, b: PackedBatch) -> torch.Tensor:
         """[N, V] logits of the real tokens (vocabulary and TP padding cut off)."""
         logits = mmodel.packed_forward(self.model, b.tokens_N, b.cu_B1)
         return logits[: b.num_tokens, : self.layout.vocab_size].float()
@@ -528,37 +427,11 @@ class MegatronTrainer:
                 logits_NV = self._logits(b)
             finally:
                 self._unbind_routes()
-            tokens = b.tokens_N[: b.num_tokens]
-            logp_N = torch.zeros(b.num_tokens, dtype=torch.float32, device=self.device)
-            if b.num_tokens > 1:
-                logp_N[1:] = selective_log_softmax(logits_NV[:-1], tokens[1:])
-            logp_N[b.starts_B] = 0.0
-            out.append(logp_N.cpu().numpy())
+            out.append(sequence_logprobs(logits_NV, b))
         return out
 
-    def _call_loss(self, logp_BT: torch.Tensor, b: _Batch) -> tuple[torch.Tensor, dict]:
-        loss = self.algorithm_cfg.loss
-        if loss == "sft":
-            return self._loss_fn(logp_BT, b.mask_BT, **self._loss_kwargs)
-        if loss == "rl":
-            return self._loss_fn(
-                logp_BT, b.logp_rollout_BT, b.adv_B, b.mask_BT, **self._loss_kwargs
-            )
-        if b.logp_teacher_BT is None:
-            raise ValueError(
-                "algorithm.loss=mopd needs teacher log-probs, but a micro-batch has none; "
-                "score every sample with its domain teacher before training"
-            )
-        return self._loss_fn(
-            logp_BT, b.logp_rollout_BT, b.logp_teacher_BT, b.adv_B, b.mask_BT, **self._loss_kwargs
-        )
-
     def _dp_sum(self, values: list[float]) -> list[float]:
-        if self.par.dp == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=self._dp_group)
-        return t.tolist()
+        return all_reduce_sum(values, size=self.par.dp, device=self.device, group=self._dp_group)
 
     def forward_backward(self, micro_batches: Sequence[MicroBatch]) -> dict[str, float]:
         """Accumulate the gradients of one step's micro-batches; return the step's metrics.
@@ -569,15 +442,11 @@ class MegatronTrainer:
         calls add up until ``optim_step``.
         """
         micro_batches = list(micro_batches)
-        if not micro_batches:
-            raise ValueError("forward_backward needs at least one micro-batch")
-        aggregation = self.algorithm_cfg.aggregation
-        local = sum(loss_count(mb, aggregation) for mb in micro_batches)
-        (denom,) = self._dp_sum([float(local)])
-        denom = max(denom, 1.0)
-        m = _Metrics()
+        weights = step_weights(micro_batches, self.algorithm_cfg.aggregation, self._dp_sum)
+        runs = self._run_lengths(micro_batches)
+        m = StepMetrics()
         agree = [0.0, 0.0]
-        for mb, run in zip(micro_batches, self._run_lengths(micro_batches), strict=True):
+        for mb, weight, run in zip(micro_batches, weights, runs, strict=True):
             b = self._to_batch(mb, run)
             self._bind_routes(b)
             try:
@@ -585,83 +454,24 @@ class MegatronTrainer:
                 hits, total = self._agreement(b)
                 agree[0] += hits
                 agree[1] += total
-                tokens = b.tokens_N
-                logits_MV = logits_NV[b.rows_M - 1]
-                logp_M = selective_log_softmax(logits_MV, tokens[b.rows_M])
-                logp_BT = torch.zeros_like(b.logp_rollout_BT).index_put((b.seq_M, b.pos_M), logp_M)
-                loss, lm = self._call_loss(logp_BT, b)
-                weight = loss_count(mb, aggregation) / denom
+                logits_MV, logp_BT = loss_logprobs(logits_NV, b)
+                loss, lm = self._loss(logp_BT, b)
                 self._replay_backward()
                 (loss * (weight * self.par.dp)).backward()
             finally:
                 self._unbind_routes()
-            ntok = float(lm.get("num_tokens", 0.0))
-            m.add_sum("loss", lm["loss"] * weight)
-            m.add_sum("tokens", b.num_tokens)
-            for key, value in lm.items():
-                if key == "loss":
-                    continue
-                if key in _SUMS:
-                    m.add_sum(key, value)
-                else:
-                    m.add_mean(key, value, lm["num_samples"] if key in _SAMPLE_MEANS else ntok)
-            with torch.no_grad():
-                self._token_metrics(m, mb, b, logits_MV, logp_BT, ntok)
+            ntok = record_loss_metrics(m, lm, weight, b.num_tokens)
+            token_metrics(m, mb, b, logits_MV, logp_BT, ntok, self.algorithm_cfg, self._version)
         if self.par.tp > 1:
             # Sequence parallelism: each TP rank routed its own slice of the tokens.
             t = torch.tensor(agree, dtype=torch.float64, device=self.device)
             dist.all_reduce(t, group=self._tp_group)
             agree = t.tolist()
         if agree[1]:
+            # One mean over the step (the torch backend adds one per micro-batch): the TP
+            # all-reduce above has to see the whole step's counts.
             m.add_mean("route_agreement", agree[0] / agree[1], agree[1])
-        return self._finish_metrics(m)
-
-    def _token_metrics(
-        self,
-        m: _Metrics,
-        mb: MicroBatch,
-        b: _Batch,
-        logits_MV: torch.Tensor,
-        logp_BT: torch.Tensor,
-        ntok: float,
-    ) -> None:
-        if ntok == 0:
-            return
-        logp_BT = logp_BT.detach()
-        m.add_mean("entropy", float(entropy_from_logits(logits_MV.detach()).mean()), ntok)
-        if self.algorithm_cfg.loss != "sft":
-            k3 = train_rollout_mismatch(b.logp_rollout_BT, logp_BT, b.mask_BT)
-            m.add_mean("train_rollout_k3", float(k3), ntok)
-        if mb.versions_N is not None and mb.loss_mask_N.any():
-            oldest = int(mb.versions_N[mb.loss_mask_N].min())
-            if oldest >= 0:
-                m.sums["staleness_max"] = max(m.sums["staleness_max"], self._version - oldest)
-        if not b.domains:
-            return
-        seq_tokens_B = b.mask_BT.sum(dim=1).cpu().numpy()
-        term_B = None
-        if b.logp_teacher_BT is not None:
-            train = self.algorithm_cfg.student_logprob_source == "train"
-            student_BT = logp_BT if train else b.logp_rollout_BT
-            term_BT = torch.where(b.mask_BT, kl_k1(b.logp_teacher_BT, student_BT), 0.0)
-            term_B = term_BT.sum(dim=1).cpu().numpy()
-        for d in sorted(set(b.domains)):
-            sel = np.array([x == d for x in b.domains]) & (seq_tokens_B > 0)
-            if not sel.any():
-                continue
-            n = float(seq_tokens_B[sel].sum())
-            if term_B is not None:
-                m.add_mean(f"teacher_log_ratio/{d}", float(term_B[sel].sum()) / n, n)
-            m.add_mean(f"orm_adv/{d}", float(mb.adv_orm_B[sel].mean()), float(sel.sum()))
-
-    def _finish_metrics(self, m: _Metrics) -> dict[str, float]:
-        if self.par.dp > 1:
-            gathered: list[Any] = [None] * self.par.dp
-            dist.all_gather_object(gathered, (dict(m.sums), dict(m.means)), group=self._dp_group)
-            m = _Metrics()
-            for sums, means in gathered:
-                m.merge(sums, {k: list(v) for k, v in means.items()})
-        out = m.result()
+        out = gather_metrics(m, size=self.par.dp, group=self._dp_group).result()
         out["version"] = float(self._version)
         return out
 
@@ -704,12 +514,6 @@ class MegatronTrainer:
         if self.par.world_size > 1:
             dist.barrier()
 
-    def _shared_token(self) -> str:
-        token = [uuid.uuid4().hex]
-        if self.par.world_size > 1:
-            dist.broadcast_object_list(token, src=0)
-        return token[0]
-
     def _layout_meta(self) -> dict[str, int]:
         return {"world_size": self.par.world_size, "tp": self.par.tp, "ep": self.par.ep}
 
@@ -717,7 +521,7 @@ class MegatronTrainer:
         """Write a checkpoint into directory ``path`` atomically (see the module docstring)."""
         path = Path(path)
         rank = self.par.rank
-        token = self._shared_token()
+        token = shared_token(self.par.world_size)
         tmp = ckpt.temp_path(path, token)
         if rank == 0:
             tmp = ckpt.begin(path, token)
