@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.set_defaults(func=_cmd_train)
 
+    from mopd.submit import add_submit_parser  # imports Ray only when the command runs
+
+    add_submit_parser(sub)
+
     p = sub.add_parser(
         "tiny-checkpoints",
         help="write tiny random checkpoints (quick starts and tests; no hub access)",

@@ -53,6 +53,7 @@ from mopd.inference.protocol import (
     GenerateRequest,
     SamplingParams,
     UpdateWeightsFromDisk,
+    UpdateWeightsFromTensor,
     compact_routes,
 )
 from mopd.models.moe import MoELayout, moe_layout
@@ -179,10 +180,16 @@ class Driver:
                 f"{paths.checkpoints} already holds checkpoints; pass --resume to continue "
                 "that run, or choose another run.output_dir / run.name"
             )
+        if cfg.rollout.weight_sync == "distributed":
+            raise RunError(
+                "rollout.weight_sync=distributed (an NCCL group between trainer and engines) is "
+                "not available in this release; use disk (any machine) or tensor (same host)"
+            )
         save_resolved(cfg, paths.root)
 
         self.tracker = self._start_tracking()
         self.tracker.log_params(flatten(json.loads(json.dumps(dataclasses.asdict(cfg)))))
+        self.tracker.log_artifact(self.paths.root / "resolved_config.yaml")
 
         redis_url = cfg.scheduler.redis_url
         self.embedded_redis: EmbeddedRedis | None = None
@@ -203,6 +210,9 @@ class Driver:
         self._check_tokenizers()
 
         tokenizer_path = cfg.model.tokenizer_path or str(self.student_path)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.scheduler = DataScheduler(
             cfg.data.sources,
             cfg.scheduler,
@@ -249,8 +259,16 @@ class Driver:
                 log_to_driver=True,
                 configure_logging=False,
             )
+        elif "RAY_ADDRESS" in os.environ:
+            ray.init()  # inside a Ray job (mopd submit): RAY_ADDRESS names the cluster
+        elif c.address.startswith(("http://", "https://")):
+            raise RunError(
+                f"cluster.address={c.address!r} is a dashboard URL, which `mopd submit` uses; "
+                "to run the driver here against that cluster, set it to the GCS address "
+                "(host:6379) or 'auto'"
+            )
         else:
-            ray.init(address=c.address)  # inside `ray job submit`, RAY_ADDRESS says where
+            ray.init(address=c.address)
         self.stack.callback(ray.shutdown)
 
     def _check_tokenizers(self) -> None:
@@ -341,7 +359,7 @@ class Driver:
         self.stream.commit_ids(state["commit"]["entries"], state["commit"]["samples"])
         self.stream.discard_ids(state["drop"]["entries"], state["drop"]["samples"])
         self.uncommitted, self.undropped = [], []
-        self.waiting = self.stream.recover(CONSUMER)
+        self.waiting = self._clamp_versions(self.stream.recover(CONSUMER))
         _truncate_log(self.paths.trained_log, self.step)
         await self.sync_weights()
         log.info(
@@ -406,6 +424,8 @@ class Driver:
         from teachers.base import TeacherUnavailableError
 
         version = self.version
+        if self.cfg.algorithm.loss == "sft":
+            return self._sft_group(group)
         t0 = time.perf_counter()
         requests = [self._request(group.prompt, sid) for sid in group.sample_ids()]
         outs = await asyncio.gather(*(self._generate(r) for r in requests))
@@ -459,6 +479,36 @@ class Driver:
         finally:
             self._reserved_requests -= 1
             self._request_done.set()
+
+    def _sft_group(self, group: PromptGroup) -> list[ScoredSample]:
+        """SFT: the reference answer (+ EOS) is the response; nothing is generated."""
+        self._reserved_requests -= group.group_size  # no request slot is used
+        prompt = group.prompt
+        if prompt.answer is None:
+            raise RunError(
+                f"algorithm.loss=sft needs reference answers, but source {prompt.source!r} "
+                f"gave none for {prompt.prompt_id}; use a source with answers"
+            )
+        ids = list(self.tokenizer.encode(prompt.answer, add_special_tokens=False))
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(int(self.tokenizer.eos_token_id))
+        samples = [
+            RolloutSample(
+                sample_id=sid,
+                prompt=prompt,
+                response_ids_T=np.asarray(ids, dtype=np.int32),
+                logp_rollout_T=np.zeros(len(ids), dtype=np.float32),  # unused by the SFT loss
+                versions_T=np.full(len(ids), self.version, dtype=np.int32),
+                finish_reason="stop",
+                text=prompt.answer,
+            )
+            for sid in group.sample_ids()
+        ]
+        scored = self.scheduler.complete_group(samples, [1.0] * len(samples))
+        self.rollout_stats[f"response_length/{prompt.domain}"].extend(len(ids) for _ in samples)
+        self.stream.publish(scored)
+        self._request_done.set()
+        return scored
 
     async def rollout_until(self, groups_wanted: int) -> None:
         """Keep every request slot of the rollout servers busy until ``groups_wanted`` groups
@@ -622,6 +672,22 @@ class Driver:
             f.write(json.dumps(record) + "\n")
         return metrics
 
+    def _clamp_versions(self, deliveries: list[Delivery]) -> list[Delivery]:
+        """Samples made by weights newer than the trainer's: after a restart from a
+        checkpoint, the steps past it are lost and so are their weight versions. Such samples
+        count as produced by the restored version; their rollout log-probs keep the
+        importance weights right, so they train once like every other sample."""
+        out = []
+        for d in deliveries:
+            v_T = d.sample.sample.versions_T
+            if v_T.size and int(v_T.max()) > self.version:
+                sample = dataclasses.replace(
+                    d.sample.sample, versions_T=np.minimum(v_T, self.version)
+                )
+                d = Delivery(d.entry_id, dataclasses.replace(d.sample, sample=sample))
+            out.append(d)
+        return out
+
     async def _collect(self, want: int) -> list[Delivery]:
         """Candidates for the next step: held-back samples first, then the stream.
 
@@ -632,7 +698,7 @@ class Driver:
         got, self.waiting = list(self.waiting), []
         while True:
             fresh = self.stream.read(CONSUMER, count=max(1, want - len(got)), block_ms=20)
-            got.extend(fresh)
+            got.extend(self._clamp_versions(fresh))
             fresh_enough = [d for d in got if self.scheduler.admit(d.sample, self.version)]
             if len(fresh_enough) >= want or (self.cfg.scheduler.mode == "sync" and not fresh):
                 return got
@@ -650,12 +716,19 @@ class Driver:
         """Export the trainer's weights and load them on every rollout server."""
         t0 = time.perf_counter()
         target = self.paths.weights / f"v{self.version:08d}"
-        path = await self.trainer.export_weights.remote(str(target), self.version)
         generation = self.rollout_generation
-        try:
-            result = await self.rollout.router.update_weights(
-                UpdateWeightsFromDisk(model_path=str(path), weight_version=str(self.version))
+        if self.cfg.rollout.weight_sync == "tensor":
+            # Same host: the servers map the trainer's tensors (shared memory on CPU, CUDA IPC
+            # on GPU) instead of reading a checkpoint from disk.
+            payload = await self.trainer.serialized_weights.remote()
+            request: Any = UpdateWeightsFromTensor(
+                serialized_named_tensors=(payload,), weight_version=str(self.version)
             )
+        else:
+            path = await self.trainer.export_weights.remote(str(target), self.version)
+            request = UpdateWeightsFromDisk(model_path=str(path), weight_version=str(self.version))
+        try:
+            result = await self.rollout.router.update_weights(request)
         except EngineError as e:
             await self.heal_rollout(generation)  # replaced servers are synced by heal_rollout
             if self.rollout_generation == generation:
@@ -756,7 +829,22 @@ class Driver:
         await self._stop_producer()
         if self.stop_requested and self.step % cfg.trainer.checkpoint_every != 0:
             await self.checkpoint()
+        if self.step >= total:
+            await self.finish()
         return last
+
+    async def finish(self) -> Path:
+        """Write the trained model to run.output_dir/model (HF layout) and, if configured,
+        register it in the MLflow model registry."""
+        model_dir = self.paths.root / "model"
+        await self.trainer.export_weights.remote(str(model_dir), self.version)
+        name = self.cfg.tracking.register_model
+        if name:
+            uri = self.tracker.register_model(model_dir, name)
+            if uri:
+                (self.paths.root / "registered_model.txt").write_text(uri + "\n")
+                log.info("registered %s as %s", model_dir, uri)
+        return model_dir
 
     async def _one_step(self) -> dict[str, float]:
         """Rollout (sync) or wait for samples (async), train, checkpoint, sync weights."""

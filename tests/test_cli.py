@@ -31,7 +31,7 @@ def test_version():
     assert out.stdout.strip() == f"mopd {__version__}"
 
 
-@pytest.mark.parametrize("sub", ["validate", "train", "config-docs"])
+@pytest.mark.parametrize("sub", ["validate", "train", "submit", "tiny-checkpoints", "config-docs"])
 def test_help_on_every_subcommand(sub: str):
     out = mopd(sub, "--help")
     assert out.returncode == 0

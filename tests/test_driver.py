@@ -26,6 +26,7 @@ from mopd.driver import RunError, train, trained_log, trained_sample_ids
 from mopd.models.tiny import build_tiny_checkpoint
 from mopd.scheduler.redis_server import EmbeddedRedis, connect
 from mopd.scheduler.stream import TrainingStream
+from mopd.tracking import resolve_model
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -100,7 +101,9 @@ def stream_state(out: Path, namespace: str) -> tuple[set[str], set[str], dict[st
 
 def test_mopd_run_logs_checkpoints_and_resumes(models, tmp_path: Path):
     out = tmp_path / "mopd-run"
-    cfg_path = write_config(tmp_path / "run.yaml", models, out)
+    cfg_path = write_config(
+        tmp_path / "run.yaml", models, out, tracking={"register_model": "tiny-student"}
+    )
     train(load_config(cfg_path))
 
     assert (out / "resolved_config.yaml").is_file()
@@ -149,6 +152,13 @@ def test_mopd_run_logs_checkpoints_and_resumes(models, tmp_path: Path):
     )  # R3: the trainer replays the engine's routes
     assert metrics["teacher_log_ratio"] < 0  # random teachers disagree with the student
     assert run.data.params["algorithm.loss"] == "mopd"
+    assert "resolved_config.yaml" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    # The trained model is written in HF layout and registered for later configs to name.
+    assert (out / "model" / "config.json").is_file()
+    uri = (out / "registered_model.txt").read_text().strip()
+    assert uri == "models:/tiny-student/1"
+    local = resolve_model(uri, f"sqlite:///{out / 'mlflow.db'}", tmp_path / "cache")
+    assert (local / "config.json").read_text() == (out / "model" / "config.json").read_text()
 
     # Starting again without --resume refuses to overwrite; with it, the run continues.
     with pytest.raises(RunError, match="--resume"):
@@ -255,6 +265,7 @@ def test_async_mode_never_trains_staler_than_max_staleness(models, tmp_path: Pat
             "partial_rollout": True,
             "max_inflight_groups": 12,
         },
+        rollout={"weight_sync": "tensor"},  # same-host handoff instead of safetensors on disk
         trainer={"steps": 6, "checkpoint_every": 3},
     )
     train(load_config(cfg_path))
@@ -270,3 +281,60 @@ def test_async_mode_never_trains_staler_than_max_staleness(models, tmp_path: Pat
     assert len(ids) == len(set(ids))
     # Rollout ran ahead of training: some samples were produced by an older policy.
     assert worst == 1
+
+
+def test_sigint_checkpoints_and_stops_cleanly(models, tmp_path: Path):
+    out = tmp_path / "sigint-run"
+    cfg_path = write_config(
+        tmp_path / "run.yaml", models, out, trainer={"steps": 200, "checkpoint_every": 100}
+    )
+    run_log = tmp_path / "run.log"
+    with open(run_log, "w") as log_file:
+        proc = subprocess.Popen(
+            [shutil.which("mopd") or "mopd", "train", str(cfg_path)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            _wait(lambda: _steps(out) >= 2, 300, "step 2", proc, run_log)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(60)
+    assert proc.returncode == 0, run_log.read_text()[-3000:]
+    stopped_at = _steps(out)
+    assert 2 <= stopped_at < 200
+    # The step it stopped at is checkpointed although checkpoint_every is 100.
+    assert (out / "checkpoints" / f"step_{stopped_at:08d}" / "COMMITTED").is_file()
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("mopd").experiment_id])
+    assert run.info.status == "KILLED"
+
+
+def test_a_teacher_that_stays_down_fails_the_run_with_its_name(models, tmp_path: Path):
+    out = tmp_path / "teacher-down"
+    cfg_path = write_config(tmp_path / "run.yaml", models, out, trainer={"steps": 200})
+    data = yaml.safe_load(cfg_path.read_text())
+    for t in data["teachers"]:
+        t.update({"timeout_s": 5.0, "max_retries": 1})
+    cfg_path.write_text(yaml.safe_dump(data))
+    run_log = tmp_path / "run.log"
+    with open(run_log, "w") as log_file:
+        proc = subprocess.Popen(
+            [shutil.which("mopd") or "mopd", "train", str(cfg_path)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            _wait(lambda: _steps(out) >= 1, 300, "step 1", proc, run_log)
+            os.kill(_pids(out)["teachers"]["spell"][0], signal.SIGKILL)
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(60)
+    text = run_log.read_text()
+    assert proc.returncode == 1, text[-3000:]
+    assert "teacher 'spell' stayed down" in text, text[-3000:]

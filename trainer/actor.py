@@ -56,3 +56,12 @@ class TrainerActor:
 
     def export_weights(self, path: str | Path, version: int) -> Path:
         return self._trainer.export_weights(path, version)
+
+    def serialized_weights(self) -> bytes:
+        """Same-host weight handoff (``/update_weights_from_tensor``), where the backend has it."""
+        if not hasattr(self._trainer, "serialized_weights"):
+            raise NotImplementedError(
+                f"{type(self._trainer).__name__} has no same-host tensor handoff; "
+                "use rollout.weight_sync=disk"
+            )
+        return self._trainer.serialized_weights()

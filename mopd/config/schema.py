@@ -277,6 +277,10 @@ class TrackingConfig:
     """MLflow experiment name."""
     log_every: int = 1
     """Log metrics every this many steps."""
+    register_model: str | None = None
+    """Register the trained model (run.output_dir/model) in the MLflow model registry under
+    this name at the end of the run, e.g. a domain teacher that MOPD configs then name as
+    ``models:/<name>/<version>``."""
 
 
 @dataclass

@@ -121,6 +121,11 @@ def _check_data(run: RunConfig, p: _Problems) -> None:
         p.positive(f"{key}.max_prompt_tokens", src.max_prompt_tokens)
         p.positive(f"{key}.max_response_tokens", src.max_response_tokens)
         p.positive(f"{key}.num_eval_prompts", src.num_eval_prompts, allow_zero=True)
+        if run.algorithm.loss == "sft" and src.dynamic_sampling:
+            p.add(
+                f"{key}.dynamic_sampling",
+                "must be false for algorithm.loss=sft: SFT samples carry no reward to filter on",
+            )
         if run.algorithm.loss == "rl" and src.group_size == 1:
             p.add(
                 f"{key}.group_size",
