@@ -2,6 +2,7 @@
 
 mopd validate CONFIG [key=value ...]   print the resolved config, or every problem
 mopd train CONFIG [key=value ...]      validate, write the resolved config, run
+mopd pipeline CONFIG [key=value ...]   SFT -> domain teachers -> MOPD, with a results table
 mopd config-docs [SECTION]             every config field with its type, default and meaning
 mopd --version
 """
@@ -57,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_submit_parser(sub)
 
+    from mopd.pipeline import add_pipeline_parser
+
+    add_pipeline_parser(sub)
+
     p = sub.add_parser(
         "tiny-checkpoints",
         help="write tiny random checkpoints (quick starts and tests; no hub access)",
@@ -96,7 +101,10 @@ def _load(args: argparse.Namespace):
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from mopd.config import to_yaml
+    from mopd.pipeline import cmd_validate_pipeline, is_pipeline_config
 
+    if is_pipeline_config(args.config):
+        return cmd_validate_pipeline(args.config, args.overrides)
     run = _load(args)
     if run is None:
         return EXIT_CONFIG_ERROR

@@ -820,7 +820,8 @@ class Driver:
                     bar.refresh()
                     continue
                 metrics |= self._step_metrics(time.perf_counter() - t_step)
-                if self.step == total:
+                every = cfg.run.eval_every
+                if self.step == total or (every > 0 and self.step % every == 0):
                     metrics |= await self.evaluate()
                 self.tracker.log_metrics(metrics, step=self.step)
                 last = metrics

@@ -13,6 +13,7 @@ from mopd import __version__
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+RUN_CONFIG = REPO / "configs" / "mopd_tiny.yaml"
 MOPD = shutil.which("mopd")
 
 pytestmark = pytest.mark.skipif(
@@ -31,7 +32,9 @@ def test_version():
     assert out.stdout.strip() == f"mopd {__version__}"
 
 
-@pytest.mark.parametrize("sub", ["validate", "train", "submit", "tiny-checkpoints", "config-docs"])
+@pytest.mark.parametrize(
+    "sub", ["validate", "train", "submit", "pipeline", "tiny-checkpoints", "config-docs"]
+)
 def test_help_on_every_subcommand(sub: str):
     out = mopd(sub, "--help")
     assert out.returncode == 0
@@ -49,11 +52,12 @@ def test_validate_accepts_every_shipped_config():
         out = mopd("validate", str(path))
         assert out.returncode == 0, (path, out.stderr)
         resolved = yaml.safe_load(out.stdout)
-        assert resolved["data"]["sources"], path
+        run = resolved["base"] if "stages" in resolved else resolved  # pipeline: base run config
+        assert run["data"]["sources"], path
 
 
 def test_validate_rejects_a_broken_config(tmp_path: Path):
-    broken = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    broken = yaml.safe_load((RUN_CONFIG).read_text())
     broken["algorithm"]["eps_low"] = 5.0
     broken["trainer"]["learning_rate"] = 1e-4
     path = tmp_path / "broken.yaml"
@@ -67,7 +71,7 @@ def test_validate_rejects_a_broken_config(tmp_path: Path):
 def test_validate_reports_cross_field_problems_with_overrides():
     out = mopd(
         "validate",
-        str(REPO / "configs" / "quickstart.yaml"),
+        str(RUN_CONFIG),
         "algorithm.eps_low=3",
         "algorithm.alpha=-1",
     )
@@ -78,7 +82,7 @@ def test_validate_reports_cross_field_problems_with_overrides():
 def test_train_refuses_invalid_config_before_writing(tmp_path: Path):
     out = mopd(
         "train",
-        str(REPO / "configs" / "quickstart.yaml"),
+        str(RUN_CONFIG),
         f"run.output_dir={tmp_path}/o",
         "trainer.steps=0",
     )

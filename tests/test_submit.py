@@ -39,7 +39,7 @@ from mopd.submit import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = REPO / "configs" / "quickstart.yaml"
+QUICKSTART = REPO / "configs" / "mopd_tiny.yaml"  # a plain run config
 RAY = shutil.which("ray")
 
 pytestmark = [

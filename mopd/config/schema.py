@@ -39,6 +39,8 @@ class RunSection:
     """Global seed for data order, sampling and model initialisation."""
     output_dir: str = "runs/${run.name}"
     """Folder for checkpoints, exported weights, logs and the resolved config."""
+    eval_every: int = 0
+    """Evaluate held-out accuracy every this many steps; 0: only at the start and the end."""
 
 
 @dataclass
