@@ -51,11 +51,12 @@ from omegaconf.errors import OmegaConfBaseException
 from mopd.config import ConfigError, RunConfig
 from mopd.config.schema import TeacherConfig
 from mopd.config.validate import validate
-from mopd.tracking import MODEL_URI_PREFIX, default_tracking_uri, flatten
+from mopd.tracking import MODEL_URI_PREFIX, MLflowTracker, default_tracking_uri, flatten
 
 log = logging.getLogger("mopd.pipeline")
 
 TEACHER_METHODS = ("rl", "sft")
+EXECUTORS = ("local", "ray_job")
 STATE_FILE = "pipeline_state.json"
 RESULTS_MD = "results.md"
 RESULTS_JSON = "results.json"
@@ -76,6 +77,16 @@ class PipelineSection:
     """Seed of every stage (data order, sampling, held-out prompts) and of a tiny initial model."""
     output_dir: str = "runs/${pipeline.name}"
     """Folder of the pipeline: one sub-folder per stage, the MLflow store, the results."""
+    executor: str = "local"
+    """local: each stage runs in this process (starting and stopping its own local Ray);
+    ray_job: each stage is a Ray job (``mopd submit``) on the cluster at ``ray_address``;
+    output_dir must then be an absolute path on storage shared with this machine, and across
+    several nodes base.tracking.tracking_uri should name an MLflow server."""
+    ray_address: str | None = None
+    """Job server of the cluster (http://HEAD:8265) for executor=ray_job; unset: $RAY_ADDRESS."""
+    working_dir: str = "."
+    """Folder uploaded with every stage job (executor=ray_job); the stage configs are written
+    into it under ``.mopd-pipeline/<name>/``."""
 
 
 @dataclass
@@ -120,6 +131,9 @@ class TeacherStage:
     """Skip the training and use this model as the teacher (folder or models:/ URI)."""
     register_as: str | None = None
     """Registered model name in MLflow; defaults to ``<pipeline.name>-teacher-<domain>``."""
+    serving: dict[str, Any] = field(default_factory=dict)
+    """How MOPD serves this teacher: ``teachers[i]`` fields of a run config other than name,
+    model and domains (backend, num_servers, top_logprobs, timeout_s, server_args, ...)."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Run-config sections for this teacher's run, merged onto ``base``."""
 
@@ -291,6 +305,17 @@ def _check(plan: Plan) -> list[str]:
         problems.append(
             f"init.tiny.arch: bad value {cfg.init.tiny.arch!r}; accepted: {', '.join(ARCHS)}"
         )
+    if cfg.pipeline.executor not in EXECUTORS:
+        problems.append(
+            f"pipeline.executor: bad value {cfg.pipeline.executor!r}; accepted: "
+            f"{', '.join(EXECUTORS)}"
+        )
+    if cfg.pipeline.executor == "ray_job" and not Path(cfg.pipeline.output_dir).is_absolute():
+        problems.append(
+            f"pipeline.output_dir: {cfg.pipeline.output_dir} is relative, but with "
+            "executor=ray_job every stage writes it on the cluster: use an absolute path "
+            "on storage shared with this machine"
+        )
     if not plan.base_run.tracking.enabled:
         problems.append(
             "base.tracking.enabled: the pipeline reads its results table from MLflow; set it true"
@@ -406,14 +431,25 @@ def stage_run_config(plan: Plan, stage: str, models: dict[str, str]) -> RunConfi
             s.group_size = 1
             s.dynamic_sampling = False
     if stage == "mopd":
-        node.teachers = [
-            TeacherConfig(
-                name=f"teacher-{t.domain}",
-                model=model_of(f"teacher-{t.domain}"),
-                domains=[t.domain],
-            )
-            for t in cfg.stages.teachers
-        ]
+        teachers = []
+        for i, t in enumerate(cfg.stages.teachers):
+            fixed = {
+                "name": f"teacher-{t.domain}",
+                "model": model_of(f"teacher-{t.domain}"),
+                "domains": [t.domain],
+            }
+            clash = sorted(set(t.serving) & set(fixed))
+            if clash:
+                raise ConfigError(
+                    [f"stages.teachers[{i}].serving.{clash[0]}: set by the pipeline; remove it"]
+                )
+            try:
+                teachers.append(
+                    OmegaConf.merge(OmegaConf.structured(TeacherConfig), fixed, t.serving)
+                )
+            except OmegaConfBaseException as e:
+                raise ConfigError([f"stages.teachers[{i}].serving.{_describe(e)}"]) from None
+        node.teachers = teachers
     else:
         node.teachers = []
     try:
@@ -459,36 +495,36 @@ class StageResult:
     naming an existing model)."""
 
 
-class _ParentRun:
-    """The pipeline's parent MLflow run, created once and reopened by ``--resume``. Like the
-    driver's tracker, tracking failures are warnings, never the pipeline's end."""
+class _ReopenedRun(MLflowTracker):
+    """An existing MLflow run reopened (the pipeline's parent run under ``--resume``), with
+    the tracker's never-raise logging. It sets the state MLflowTracker's methods use instead
+    of creating a run."""
 
-    def __init__(
-        self, tracking_uri: str, experiment: str, name: str, root: Path, run_id: str | None
-    ) -> None:
-        from mopd.tracking import MLflowTracker
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        from mlflow import MlflowClient
 
-        if run_id is None:
-            self.tracker = MLflowTracker(
-                tracking_uri,
-                experiment,
-                name,
-                artifact_location=root / "mlartifacts",
-                tags={"mopd.kind": "pipeline"},
-            )
-        else:  # reopen: same logging behaviour, no new run
-            self.tracker = MLflowTracker.__new__(MLflowTracker)
-            self.tracker.run_id, self.tracker.tracking_uri = run_id, tracking_uri
-            self.tracker._failures = {}
-            from mlflow import MlflowClient
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self._failures = {}
+        try:
+            self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            self.client.update_run(run_id, status="RUNNING")
+        except Exception as e:  # tracking must never take the pipeline down
+            self._warn("reopen", e)
+            self.client = None
 
-            self.tracker.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-            with contextlib.suppress(Exception):
-                self.tracker.client.update_run(run_id, status="RUNNING")
 
-    @property
-    def run_id(self) -> str | None:
-        return self.tracker.run_id
+def _parent_run(plan: Plan, run_id: str | None) -> MLflowTracker:
+    """The pipeline's parent MLflow run: created on the first start, reopened by --resume."""
+    if run_id is not None:
+        return _ReopenedRun(plan.tracking_uri, run_id)
+    return MLflowTracker(
+        plan.tracking_uri,
+        plan.base_run.tracking.experiment,
+        plan.config.pipeline.name,
+        artifact_location=plan.output_dir.resolve() / "mlartifacts",
+        tags={"mopd.kind": "pipeline"},
+    )
 
 
 def run_pipeline(plan: Plan, *, resume: bool = False) -> dict[str, Any]:
@@ -512,19 +548,13 @@ def run_pipeline(plan: Plan, *, resume: bool = False) -> dict[str, Any]:
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / PIPELINE_CONFIG).write_text(to_yaml(plan))
-    parent = _ParentRun(
-        plan.tracking_uri,
-        plan.base_run.tracking.experiment,
-        cfg.pipeline.name,
-        out.resolve(),
-        state.get("parent_run_id"),
-    )
+    parent = _parent_run(plan, state.get("parent_run_id"))
     state["parent_run_id"] = parent.run_id
     _write_state(state_path, state)
     if not state.get("params_logged"):
-        parent.tracker.log_params(flatten(OmegaConf.to_container(OmegaConf.structured(cfg))))
+        parent.log_params(flatten(OmegaConf.to_container(OmegaConf.structured(cfg))))
         state["params_logged"] = True
-    parent.tracker.log_artifact(out / PIPELINE_CONFIG)
+    parent.log_artifact(out / PIPELINE_CONFIG)
 
     status = "FAILED"
     try:
@@ -546,7 +576,7 @@ def run_pipeline(plan: Plan, *, resume: bool = False) -> dict[str, Any]:
         status = "KILLED"
         raise
     finally:
-        parent.tracker.end(status)
+        parent.end(status)
 
 
 def _write_state(path: Path, state: dict[str, Any]) -> None:
@@ -607,13 +637,48 @@ def _run_stage(plan: Plan, stage: str, models: dict[str, str], *, resume: bool) 
     again = resume and _latest(root / "checkpoints") is not None
     log.info("stage %s: %s run %s", stage, "resuming" if again else "starting", run.run.name)
     print(f"\n=== stage {stage}: {run.algorithm.loss} run {run.run.name} ===", flush=True)
-    train(run, resume=again)
+    if plan.config.pipeline.executor == "ray_job":
+        _submit_stage(plan, stage, run, resume=again)
+    else:
+        train(run, resume=again)
     if not (root / "model" / "config.json").exists():
         raise PipelineError(
             f"stage {stage} stopped before its last step (interrupted?); run the pipeline "
             "again with --resume to continue it from its last checkpoint"
         )
     return StageResult(stage, _produced_model(root), "resumed" if again else "trained")
+
+
+def _submit_stage(plan: Plan, stage: str, run: RunConfig, *, resume: bool) -> None:
+    """Run one stage as a Ray job (what ``mopd submit`` does) and wait for its end."""
+    from mopd import submit as job
+    from mopd.config import to_yaml as run_yaml
+
+    p = plan.config.pipeline
+    workdir = Path(p.working_dir).resolve()
+    config = workdir / ".mopd-pipeline" / p.name / f"{stage}.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(run_yaml(run))
+    parent = os.environ.get("MOPD_PARENT_RUN_ID")
+    try:
+        submission = job.build_submission(
+            run,
+            config,
+            working_dir=workdir,
+            resume=resume,
+            env=[f"MOPD_PARENT_RUN_ID={parent}"] if parent else [],
+        )
+        address = job.resolve_address(p.ray_address, run)
+        client = job.connect(address)
+        job_id = job.submit(client, submission)
+    except job.SubmitError as e:
+        raise PipelineError(f"stage {stage}: {e}") from None
+    log.info("stage %s: Ray job %s on %s", stage, job_id, address)
+    if job.follow(client, job_id) != job.EXIT_OK:
+        raise PipelineError(
+            f"stage {stage}: Ray job {job_id} did not succeed; fix the cause and run the "
+            "pipeline again with --resume"
+        )
 
 
 def _produced_model(root: Path) -> str:
@@ -657,7 +722,7 @@ def _first(hist: dict[str, list[tuple[int, float]]], domain: str) -> float | Non
     return series[0][1] if series and series[0][0] == 0 else None
 
 
-def write_results(plan: Plan, results: Sequence[StageResult], parent: _ParentRun) -> dict:
+def write_results(plan: Plan, results: Sequence[StageResult], parent: MLflowTracker) -> dict:
     """Build the results table from the stages' MLflow runs; print it, write results.md,
     results.json and the MOPD plot, and log them (and the table as metrics) to the parent."""
     from mlflow import MlflowClient
@@ -722,12 +787,12 @@ def write_results(plan: Plan, results: Sequence[StageResult], parent: _ParentRun
         if v is not None
     }
     metrics |= {f"result/mopd_minus_best_teacher/{d}": v for d, v in delta.items() if v is not None}
-    parent.tracker.log_metrics(metrics, step=0)
-    parent.tracker.log_artifact(out / RESULTS_MD)
-    parent.tracker.log_artifact(out / RESULTS_JSON)
+    parent.log_metrics(metrics, step=0)
+    parent.log_artifact(out / RESULTS_MD)
+    parent.log_artifact(out / RESULTS_JSON)
     plot = plot_mopd(hist.get("mopd", {}), domains, rows, out / PLOT_PNG)
     if plot is not None:
-        parent.tracker.log_artifact(plot)
+        parent.log_artifact(plot)
         report["plot"] = str(plot)
     return report
 

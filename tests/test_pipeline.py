@@ -2,12 +2,14 @@
 shortened quick start (tiny model, a few steps per stage, tiny eval sets) runs SFT -> two
 teachers (one by RL, one by SFT) -> MOPD to the end with its artifacts: the results table,
 the plot, the registered teachers, the MOPD model and the nested MLflow runs; ``--resume``
-after the end retrains nothing and gives the same table.
+after the end retrains nothing and gives the same table, and resumes an interrupted stage
+from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from mopd.config import ConfigError
+from mopd.driver import trained_log
 from mopd.pipeline import is_pipeline_config, load_pipeline, run_pipeline, stage_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +111,7 @@ SHORT = [
     "stages.mopd.overrides.trainer.steps=2",
     "stages.mopd.overrides.run.eval_every=1",
     "stages.mopd.overrides.scheduler.prompts_per_step=4",
+    "stages.mopd.overrides.trainer.checkpoint_every=1",
 ]
 
 
@@ -180,3 +184,12 @@ def test_short_pipeline_runs_to_the_end_and_resumes(tmp_path: Path, capsys):
     assert set(again["stage_status"].values()) == {"done"}
     assert again["accuracy"] == report["accuracy"]
     assert (out / "results.md").read_text() == table
+
+    # An interrupted stage resumes from its checkpoint: drop the MOPD stage's exported model,
+    # as if it had died after its last checkpoint; it resumes there and only exports.
+    shutil.rmtree(out / "mopd" / "model")
+    resumed = run_pipeline(plan, resume=True)
+    assert resumed["stage_status"]["mopd"] == "resumed"
+    assert resumed["stage_status"]["sft"] == "done"
+    assert (out / "mopd" / "model" / "config.json").is_file()
+    assert [r["step"] for r in trained_log(out / "mopd")] == [1, 2]
