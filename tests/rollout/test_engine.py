@@ -273,3 +273,52 @@ def test_invalid_requests_name_the_problem(tiny_ckpts, mimo):
             llama.submit(Request((5, 6), return_routed_experts=True))
     finally:
         llama.shutdown()
+
+
+def test_inverse_cdf_sampling_follows_the_weights():
+    from rollout.engine import _inverse_cdf
+
+    weights_V = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    gen = torch.Generator().manual_seed(0)
+    u_N = torch.rand(200_000, generator=gen)
+    picks_N = _inverse_cdf(weights_V.expand(len(u_N), -1), u_N)
+    freq_V = torch.bincount(picks_N, minlength=6).double() / len(u_N)
+    np.testing.assert_allclose(freq_V.numpy(), [0.0, 0.5, 0.0, 0.3, 0.2, 0.0], atol=5e-3)
+    # u = 1 stands for a product u * total that rounds up to the total: still never the
+    # zero-weight token at the end; u = 0 takes the first token with weight.
+    top = torch.tensor([1.0, 0.999999, 0.0])
+    picks = _inverse_cdf(torch.tensor([[0.1, 0.7, 0.2, 0.0]] * 3), top)
+    assert picks.tolist() == [2, 2, 0]
+
+
+def test_truncated_rows_keep_their_limits_and_leave_neighbours_unchanged(mimo, reference):
+    ref = reference("mimo")
+    prompt = tuple(PROMPTS[0])
+    seeded = Request(
+        prompt, sp(max_new_tokens=12, temperature=0.8, sampling_seed=5, ignore_eos=True)
+    )
+    alone = mimo.generate([seeded])[0].output_ids
+    limits = [
+        {"top_k": 3},
+        {"top_p": 0.5},
+        {"min_p": 0.2},
+    ]
+    truncated = [
+        Request(prompt, sp(max_new_tokens=12, temperature=0.8, ignore_eos=True, **kw))
+        for kw in limits
+    ]
+    outs = mimo.generate([*truncated, seeded], timeout=60)
+    assert outs[-1].output_ids == alone  # a truncating neighbour changes nothing for it
+    for kw, out in zip(limits, outs, strict=False):
+        gen = out.output_ids
+        logits, _ = ref.forward(list(prompt) + gen)
+        probs = torch.softmax(logits[len(prompt) - 1 : -1] / 0.8, dim=-1)
+        for i, token in enumerate(gen):
+            p = probs[i]
+            higher = p[p > p[token]].sum()  # mass of the tokens ranked above it
+            if "top_k" in kw:
+                assert int((p > p[token]).sum()) < kw["top_k"]
+            if "top_p" in kw:
+                assert float(higher) <= kw["top_p"] + 1e-5
+            if "min_p" in kw:
+                assert float(p[token]) >= kw["min_p"] * float(p.max()) - 1e-6
