@@ -6,8 +6,12 @@ import importlib.util
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
+pytest.importorskip(
+    "megatron.core", reason="needs the [megatron] extra: pip install -e '.[megatron]'"
+)
 torch.set_num_threads(1)
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_megatron_gpu.py"

@@ -6,6 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytest.importorskip(
+    "megatron.core", reason="needs the [megatron] extra: pip install -e '.[megatron]'"
+)
 from trainer.megatron import cpu_compat
 
 torch.set_num_threads(1)

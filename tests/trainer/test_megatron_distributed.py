@@ -26,6 +26,10 @@ import numpy as np
 import pytest
 import torch
 
+pytest.importorskip(
+    "megatron.core", reason="needs the [megatron] extra: pip install -e '.[megatron]'"
+)
+
 REPO = Path(__file__).resolve().parents[2]
 # adam_eps 1e-4: Adam's first step is lr * g / (|g| + eps), sign-like for |g| << eps; a large
 # eps keeps fp32 noise of near-zero gradients (~1e-7 across implementations) from being

@@ -15,6 +15,10 @@ import torch
 from mopd.models.tiny import build_tiny_checkpoint, tiny_config
 from tests.trainer.conftest import load_hf
 
+pytest.importorskip(
+    "megatron.core", reason="needs the [megatron] extra: pip install -e '.[megatron]'"
+)
+
 torch.set_num_threads(1)
 
 # Variants of the tiny models: the default ones, and ones that stress each feature.

@@ -18,6 +18,10 @@ from mopd.config.schema import AlgorithmConfig, ModelConfig, TrainerConfig
 from mopd.packing import build_micro_batch, pack_micro_batches
 from tests.trainer.conftest import load_hf, make_samples
 
+pytest.importorskip(
+    "megatron.core", reason="needs the [megatron] extra: pip install -e '.[megatron]'"
+)
+
 torch.set_num_threads(1)
 
 
