@@ -471,10 +471,16 @@ def _first_line(e: BaseException) -> str:
 
 
 def to_yaml(plan: Plan) -> str:
-    """The resolved pipeline config as YAML (``base.model.path`` shows the placeholder)."""
+    """The resolved pipeline config as YAML; it loads again as the same pipeline."""
     tree = OmegaConf.to_container(OmegaConf.structured(plan.config), resolve=True)
     assert isinstance(tree, dict)
-    tree["base"] = OmegaConf.to_container(plan.base, resolve=True)
+    base = OmegaConf.to_container(plan.base, resolve=True)
+    assert isinstance(base, dict)
+    # The per-stage fields are the pipeline's: leave them out so the file loads again.
+    for key in _PER_STAGE:
+        section, _, leaf = key.rpartition(".")
+        (base[section] if section else base).pop(leaf, None)
+    tree["base"] = base
     return OmegaConf.to_yaml(OmegaConf.create(tree))
 
 

@@ -18,7 +18,13 @@ from mlflow import MlflowClient
 
 from mopd.config import ConfigError
 from mopd.driver import trained_log
-from mopd.pipeline import is_pipeline_config, load_pipeline, run_pipeline, stage_run_config
+from mopd.pipeline import (
+    is_pipeline_config,
+    load_pipeline,
+    run_pipeline,
+    stage_run_config,
+    to_yaml,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -47,18 +53,30 @@ def test_stage_run_configs_follow_the_pipeline():
     assert sft.algorithm.loss == "sft" and sft.model.path == "init-model"
     assert all(s.group_size == 1 and not s.dynamic_sampling for s in sft.data.sources)
     assert sft.run.output_dir == "out/sft" and sft.run.seed == 5
-    teacher = stage_run_config(plan, "teacher-products", {"sft": "models:/x/1"})
-    assert [s.domain for s in teacher.data.sources] == ["products"]
+    teacher = stage_run_config(plan, "teacher-spelling", {"sft": "models:/x/1"})
+    assert [s.domain for s in teacher.data.sources] == ["spelling"]
     assert teacher.model.path == "models:/x/1"
-    assert teacher.tracking.register_model == "quickstart-teacher-products"
+    assert teacher.tracking.register_model == "quickstart-teacher-spelling"
     mopd = stage_run_config(plan, "mopd", {"teacher-arithmetic": "models:/t/2"})
     assert mopd.model.path == "out/sft/model"
     assert {t.name: t.model for t in mopd.teachers} == {
         "teacher-arithmetic": "models:/t/2",
-        "teacher-products": "out/teacher-products/model",
+        "teacher-spelling": "out/teacher-spelling/model",
     }
     # Every stage shares one tracking store, so the stages nest under one parent run.
     assert len({r.tracking.tracking_uri for r in (sft, teacher, mopd)}) == 1
+
+
+def test_resolved_pipeline_config_loads_again(tmp_path: Path):
+    plan = load_pipeline(QUICKSTART, ["stages.mopd.overrides.trainer.steps=7"])
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(to_yaml(plan))
+    again = load_pipeline(path)
+    assert again.base_run == plan.base_run
+    for section in ("pipeline", "init", "stages"):
+        assert getattr(again.config, section) == getattr(plan.config, section)
+    for stage in ("sft", "teacher-arithmetic", "mopd"):
+        assert stage_run_config(again, stage, {}) == stage_run_config(plan, stage, {})
 
 
 @pytest.mark.parametrize(
@@ -127,24 +145,24 @@ def test_short_pipeline_runs_to_the_end_and_resumes(tmp_path: Path, capsys):
     assert "| SFT student |" in table and "| MOPD student |" in table
     assert "| teacher: arithmetic |" in table and "| MOPD - best teacher |" in table
     saved = json.loads((out / "results.json").read_text())
-    assert saved["domains"] == ["arithmetic", "products"]
+    assert saved["domains"] == ["arithmetic", "spelling"]
     acc = saved["accuracy"]
-    for model in ("sft", "teacher-arithmetic", "teacher-products", "mopd"):
+    for model in ("sft", "teacher-arithmetic", "teacher-spelling", "mopd"):
         assert model in acc
-    for d in ("arithmetic", "products"):
+    for d in ("arithmetic", "spelling"):
         assert 0.0 <= acc["sft"][d] <= 1.0 and 0.0 <= acc["mopd"][d] <= 1.0
         assert acc[f"teacher-{d}"][d] is not None
         assert saved["mopd_minus_best_teacher"][d] == pytest.approx(
             acc["mopd"][d] - acc[f"teacher-{d}"][d]
         )
-    assert acc["teacher-arithmetic"]["products"] is None  # a teacher is rated on its domain
+    assert acc["teacher-arithmetic"]["spelling"] is None  # a teacher is rated on its domain
 
     # The plot, the MOPD model, the registered teachers.
     width, height = _png_size(out / "mopd_progress.png")
     assert width > 400 and height > 200
     assert (out / "mopd" / "model" / "config.json").is_file()
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    for d in ("arithmetic", "products"):
+    for d in ("arithmetic", "spelling"):
         uri = saved["models"][f"teacher-{d}"]
         assert uri.startswith(f"models:/quickstart-teacher-{d}/")
         (version,) = client.search_model_versions(f"name='quickstart-teacher-{d}'")
@@ -163,17 +181,17 @@ def test_short_pipeline_runs_to_the_end_and_resumes(tmp_path: Path, capsys):
     assert children == {
         "quickstart-sft",
         "quickstart-teacher-arithmetic",
-        "quickstart-teacher-products",
+        "quickstart-teacher-spelling",
         "quickstart-mopd",
     }
     assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["result/mopd/products"] == pytest.approx(acc["mopd"]["products"])
+    assert parent.data.metrics["result/mopd/spelling"] == pytest.approx(acc["mopd"]["spelling"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.md", "results.json", "mopd_progress.png"} <= artifacts
     # eval_every=1: accuracy at steps 0, 1 and 2 of the MOPD run.
     (mopd_run,) = [r for r in runs if r.info.run_name == "quickstart-mopd"]
     steps = [
-        m.step for m in client.get_metric_history(mopd_run.info.run_id, "eval/accuracy/products")
+        m.step for m in client.get_metric_history(mopd_run.info.run_id, "eval/accuracy/spelling")
     ]
     assert sorted(steps) == [0, 1, 2]
 
