@@ -381,10 +381,11 @@ class _SlotLayer(CacheLayerMixin):
             new[:, :, : old.shape[2]] = old
             setattr(self, name, new)
 
-    def move_rows(self, src_R: torch.Tensor, dst_R: torch.Tensor) -> None:
+    def move_rows(self, src_R: torch.Tensor, dst_R: torch.Tensor, length: int) -> None:
         if self.is_initialized:
-            self.keys[dst_R] = self.keys[src_R]
-            self.values[dst_R] = self.values[src_R]
+            used = slice(None) if self.window is not None else slice(0, length)
+            self.keys[dst_R, :, used] = self.keys[src_R, :, used]
+            self.values[dst_R, :, used] = self.values[src_R, :, used]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         plan = self.owner.plan
@@ -426,10 +427,11 @@ class SlotKVCache(Cache):
             layer.grow(new_cap)
         self.capacity = new_cap
 
-    def move_rows(self, src_R: torch.Tensor, dst_R: torch.Tensor) -> None:
-        """Copy rows ``src_R`` onto rows ``dst_R`` (disjoint) in every layer."""
+    def move_rows(self, src_R: torch.Tensor, dst_R: torch.Tensor, length: int) -> None:
+        """Copy key positions ``0..length-1`` of rows ``src_R`` onto rows ``dst_R`` (disjoint)
+        in every layer."""
         for layer in self.layers:
-            layer.move_rows(src_R, dst_R)
+            layer.move_rows(src_R, dst_R, length)
 
     def drop_buffers(self) -> None:
         """Free every buffer (re-allocated lazily on the next forward)."""
@@ -1403,7 +1405,9 @@ class Engine:
         if movers:
             src_R = torch.tensor([s.slot for s in movers], device=self.device)
             dst_R = torch.tensor(holes[: len(movers)], device=self.device)
-            self.cache.move_rows(src_R, dst_R)
+            # Every key a survivor holds sits below its position: move only that prefix.
+            length = int(self._state.pos_S[src_R].max()) + 1
+            self.cache.move_rows(src_R, dst_R, length)
             self._state.move_rows(src_R, dst_R)
             for seq, hole in zip(movers, holes, strict=False):
                 seq.slot = hole
