@@ -10,7 +10,10 @@ Two workloads: ``uniform`` (every request samples exactly ``--max-new-tokens`` t
 stop at different times). ``generate`` cannot stop rows separately, so for ``varied`` it runs
 to the longest row and only each row's own tokens count; the server retires finished
 requests and admits others. Each number is the best of ``--repeats`` runs: the machine is
-shared, and a parallel region stalls whenever the OS deschedules one of its threads.
+shared, and a parallel region stalls whenever the OS deschedules one of its threads; the
+medians (last three columns) show how much the runs spread. The server side needs more than
+one core (the HTTP client, the server's HTTP thread and its engine thread) where ``generate``
+needs one, so other load on the machine costs the server more.
 
     python benchmarks/bench_rollout_server.py [--model-path DIR] [--threads 1]
 """
@@ -21,6 +24,7 @@ import argparse
 import asyncio
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -139,29 +143,34 @@ def main() -> None:
                 for conc in args.concurrency:
                     prompts = _prompts(conc, vocab, seed=conc)
                     lengths = _lengths(conc, args.max_new_tokens, workload == "varied", conc)
-                    served = max(
+                    served = [
                         asyncio.run(_serve_bench(base, prompts, lengths))
                         for _ in range(args.repeats)
-                    )
+                    ]
                     with torch.no_grad():
-                        generated = max(
+                        generated = [
                             _generate_bench(model, prompts, lengths, pad_id)
                             for _ in range(args.repeats)
-                        )
+                        ]
                     rows.append((workload, conc, served, generated))
         finally:
             proc.terminate()
             proc.wait(30)
 
-    print(f"model: {model_path}  max_new_tokens={args.max_new_tokens}  threads={args.threads}")
+    print(
+        f"model: {model_path}  max_new_tokens={args.max_new_tokens}  threads={args.threads}  "
+        f"best (and median) of {args.repeats}"
+    )
     print(
         f"{'workload':>8}  {'concurrency':>11}  {'server tok/s':>12}  {'generate tok/s':>14}"
-        f"  {'ratio':>6}"
+        f"  {'ratio':>6}  {'(median':>7}  {'median':>6}  {'ratio)':>6}"
     )
     for workload, conc, served, generated in rows:
+        best_s, best_g = max(served), max(generated)
+        med_s, med_g = statistics.median(served), statistics.median(generated)
         print(
-            f"{workload:>8}  {conc:>11}  {served:>12.0f}  {generated:>14.0f}"
-            f"  {served / generated:>6.2f}"
+            f"{workload:>8}  {conc:>11}  {best_s:>12.0f}  {best_g:>14.0f}  {best_s / best_g:>6.2f}"
+            f"  {med_s:>7.0f}  {med_g:>6.0f}  {med_s / med_g:>6.2f}"
         )
 
 
