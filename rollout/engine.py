@@ -612,6 +612,12 @@ class _SlotState:
             length = min(max(length, 2 * self.routes_STLk.shape[1]), max(limit, length))
             self.routes_STLk = self._grown(self.routes_STLk, length)
 
+    def drop_buffers(self) -> None:
+        """Free the per-position buffers (only while nothing runs; they grow back on use)."""
+        self.out_ST = self.out_ST[:, :0].clone()
+        self.lp_ST = self.lp_ST[:, :0].clone()
+        self.routes_STLk = None
+
     def move_rows(self, src_R: torch.Tensor, dst_R: torch.Tensor) -> None:
         for name in ("tok_S", "pos_S", "nout_S", "out_ST", "lp_ST", "routes_STLk"):
             tensor = getattr(self, name)
@@ -1002,6 +1008,7 @@ class Engine:
             if self._running or self._waiting:
                 return False, "cannot release memory while requests are running"
             self.cache.drop_buffers()
+            self._state.drop_buffers()
             if self.device.type != "cpu":
                 self.model.to("cpu")
                 torch.cuda.empty_cache()
