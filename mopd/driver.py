@@ -166,6 +166,7 @@ class Driver:
         self.main_started = False
         self.rollout_generation = 0  # bumped each time the rollout servers are replaced
         self._reserved_requests = 0  # request slots held by groups in flight
+        self._recovered_ids: set[str] = set()  # pending at the last restart (see _clamp_versions)
         self._request_done = asyncio.Event()
         self._heal_lock: asyncio.Lock | None = None
 
@@ -359,7 +360,9 @@ class Driver:
         self.stream.commit_ids(state["commit"]["entries"], state["commit"]["samples"])
         self.stream.discard_ids(state["drop"]["entries"], state["drop"]["samples"])
         self.uncommitted, self.undropped = [], []
-        self.waiting = self._clamp_versions(self.stream.recover(CONSUMER))
+        recovered = self.stream.recover(CONSUMER)
+        self._recovered_ids = {d.sample.sample.sample_id for d in recovered}
+        self.waiting = self._clamp_versions(recovered)
         _truncate_log(self.paths.trained_log, self.step)
         await self.sync_weights()
         log.info(
@@ -635,7 +638,10 @@ class Driver:
             await asyncio.sleep(0.05)
         if not batch:
             raise RunError(
-                "no trainable samples for this step (all too stale?): check scheduler.max_staleness"
+                f"no trainable samples for step {self.step + 1} at version {self.version}: "
+                f"{len(got)} candidates, {len(selection.dropped_stale)} too stale, "
+                f"{selection.num_partial_held} partial held back; check scheduler.max_staleness "
+                "and scheduler.max_partial_fraction"
             )
 
         t0 = time.perf_counter()
@@ -673,19 +679,29 @@ class Driver:
         return metrics
 
     def _clamp_versions(self, deliveries: list[Delivery]) -> list[Delivery]:
-        """Samples made by weights newer than the trainer's: after a restart from a
-        checkpoint, the steps past it are lost and so are their weight versions. Such samples
-        count as produced by the restored version; their rollout log-probs keep the
-        importance weights right, so they train once like every other sample."""
+        """Versions of samples that outlived the policy that made them.
+
+        After a restart from a checkpoint the steps past it are lost, and with them the
+        weights that produced the samples still pending in the stream. Those recovered
+        samples are the only copies (the re-dispatched groups reuse their ids, so
+        ``publish`` drops the regenerated ones): they train once, in order, as if produced by
+        the policy that trains them; their recorded rollout log-probs keep the importance
+        weights right, and the staleness bound cannot apply to a policy that no longer
+        exists. Any other sample made by weights newer than the trainer's counts as the
+        trainer's version.
+        """
         out = []
         for d in deliveries:
             v_T = d.sample.sample.versions_T
-            if v_T.size and int(v_T.max()) > self.version:
-                sample = dataclasses.replace(
-                    d.sample.sample, versions_T=np.minimum(v_T, self.version)
-                )
-                d = Delivery(d.entry_id, dataclasses.replace(d.sample, sample=sample))
-            out.append(d)
+            if d.sample.sample.sample_id in self._recovered_ids:
+                new_T = np.full_like(v_T, self.version)
+            elif v_T.size and int(v_T.max()) > self.version:
+                new_T = np.minimum(v_T, self.version)
+            else:
+                out.append(d)
+                continue
+            sample = dataclasses.replace(d.sample.sample, versions_T=new_T)
+            out.append(Delivery(d.entry_id, dataclasses.replace(d.sample, sample=sample)))
         return out
 
     async def _collect(self, want: int) -> list[Delivery]:
@@ -695,7 +711,7 @@ class Driver:
         admissible samples are there, dropping samples that became too stale on the way
         (they free their in-flight slots, so rollout is never blocked by them).
         """
-        got, self.waiting = list(self.waiting), []
+        got, self.waiting = self._clamp_versions(self.waiting), []
         while True:
             fresh = self.stream.read(CONSUMER, count=max(1, want - len(got)), block_ms=20)
             got.extend(self._clamp_versions(fresh))
@@ -773,12 +789,7 @@ class Driver:
         prompts = self.scheduler.eval_prompts()
         if not prompts:
             return {}
-        outs = await asyncio.gather(
-            *(
-                self.rollout.router.generate(self._request(p, f"{p.prompt_id}/eval", greedy=True))
-                for p in prompts
-            )
-        )
+        outs = await asyncio.gather(*(self._eval_generate(p) for p in prompts))
         samples = [
             self._to_sample(p, f"{p.prompt_id}/eval", o, self.version)
             for p, o in zip(prompts, outs)
@@ -790,6 +801,25 @@ class Driver:
         for p, r in zip(prompts, rewards):
             per[p.domain].append(float(r >= 1.0 - 1e-6))
         return {f"eval/accuracy/{d}": float(np.mean(v)) for d, v in sorted(per.items())}
+
+    async def _eval_generate(self, prompt: Prompt, attempts: int = 3) -> GenerateOutput:
+        """One greedy eval request; a failed call heals the servers and is retried (as
+        rollout requeues a failed group), so a dropped connection does not end the run."""
+        for attempt in range(1, attempts + 1):
+            generation = self.rollout_generation
+            try:
+                return await self.rollout.router.generate(
+                    self._request(prompt, f"{prompt.prompt_id}/eval", greedy=True)
+                )
+            except EngineError as e:
+                if attempt == attempts:
+                    raise RunError(
+                        f"evaluation request {prompt.prompt_id} failed {attempts} times: {e}"
+                    ) from e
+                log.warning("eval of %s failed (%s); retrying", prompt.prompt_id, e)
+                await self.heal_rollout(generation)
+                await asyncio.sleep(attempt)  # let the pool's cool-down after failures pass
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ the loop
     async def run_loop(self) -> dict[str, float]:
@@ -828,6 +858,12 @@ class Driver:
                 bar.update(1)
                 bar.write(_summary_line(self.step, metrics))
         await self._stop_producer()
+        if self.step >= total and "eval/accuracy" not in " ".join(last):
+            # Resumed at the last step (a crash after its checkpoint): evaluate the end now.
+            evals = await self.evaluate()
+            if evals:
+                self.tracker.log_metrics(evals, step=self.step)
+                last |= evals
         if self.stop_requested and self.step % cfg.trainer.checkpoint_every != 0:
             await self.checkpoint()
         if self.step >= total:
