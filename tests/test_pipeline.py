@@ -53,15 +53,15 @@ def test_stage_run_configs_follow_the_pipeline():
     assert sft.algorithm.loss == "sft" and sft.model.path == "init-model"
     assert all(s.group_size == 1 and not s.dynamic_sampling for s in sft.data.sources)
     assert sft.run.output_dir == "out/sft" and sft.run.seed == 5
-    teacher = stage_run_config(plan, "teacher-spelling", {"sft": "models:/x/1"})
-    assert [s.domain for s in teacher.data.sources] == ["spelling"]
+    teacher = stage_run_config(plan, "teacher-products", {"sft": "models:/x/1"})
+    assert [s.domain for s in teacher.data.sources] == ["products"]
     assert teacher.model.path == "models:/x/1"
-    assert teacher.tracking.register_model == "quickstart-teacher-spelling"
+    assert teacher.tracking.register_model == "quickstart-teacher-products"
     mopd = stage_run_config(plan, "mopd", {"teacher-arithmetic": "models:/t/2"})
     assert mopd.model.path == "out/sft/model"
     assert {t.name: t.model for t in mopd.teachers} == {
         "teacher-arithmetic": "models:/t/2",
-        "teacher-spelling": "out/teacher-spelling/model",
+        "teacher-products": "out/teacher-products/model",
     }
     # Every stage shares one tracking store, so the stages nest under one parent run.
     assert len({r.tracking.tracking_uri for r in (sft, teacher, mopd)}) == 1
@@ -145,24 +145,24 @@ def test_short_pipeline_runs_to_the_end_and_resumes(tmp_path: Path, capsys):
     assert "| SFT student |" in table and "| MOPD student |" in table
     assert "| teacher: arithmetic |" in table and "| MOPD - best teacher |" in table
     saved = json.loads((out / "results.json").read_text())
-    assert saved["domains"] == ["arithmetic", "spelling"]
+    assert saved["domains"] == ["arithmetic", "products"]
     acc = saved["accuracy"]
-    for model in ("sft", "teacher-arithmetic", "teacher-spelling", "mopd"):
+    for model in ("sft", "teacher-arithmetic", "teacher-products", "mopd"):
         assert model in acc
-    for d in ("arithmetic", "spelling"):
+    for d in ("arithmetic", "products"):
         assert 0.0 <= acc["sft"][d] <= 1.0 and 0.0 <= acc["mopd"][d] <= 1.0
         assert acc[f"teacher-{d}"][d] is not None
         assert saved["mopd_minus_best_teacher"][d] == pytest.approx(
             acc["mopd"][d] - acc[f"teacher-{d}"][d]
         )
-    assert acc["teacher-arithmetic"]["spelling"] is None  # a teacher is rated on its domain
+    assert acc["teacher-arithmetic"]["products"] is None  # a teacher is rated on its domain
 
     # The plot, the MOPD model, the registered teachers.
     width, height = _png_size(out / "mopd_progress.png")
     assert width > 400 and height > 200
     assert (out / "mopd" / "model" / "config.json").is_file()
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    for d in ("arithmetic", "spelling"):
+    for d in ("arithmetic", "products"):
         uri = saved["models"][f"teacher-{d}"]
         assert uri.startswith(f"models:/quickstart-teacher-{d}/")
         (version,) = client.search_model_versions(f"name='quickstart-teacher-{d}'")
@@ -181,17 +181,17 @@ def test_short_pipeline_runs_to_the_end_and_resumes(tmp_path: Path, capsys):
     assert children == {
         "quickstart-sft",
         "quickstart-teacher-arithmetic",
-        "quickstart-teacher-spelling",
+        "quickstart-teacher-products",
         "quickstart-mopd",
     }
     assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["result/mopd/spelling"] == pytest.approx(acc["mopd"]["spelling"])
+    assert parent.data.metrics["result/mopd/products"] == pytest.approx(acc["mopd"]["products"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.md", "results.json", "mopd_progress.png"} <= artifacts
     # eval_every=1: accuracy at steps 0, 1 and 2 of the MOPD run.
     (mopd_run,) = [r for r in runs if r.info.run_name == "quickstart-mopd"]
     steps = [
-        m.step for m in client.get_metric_history(mopd_run.info.run_id, "eval/accuracy/spelling")
+        m.step for m in client.get_metric_history(mopd_run.info.run_id, "eval/accuracy/products")
     ]
     assert sorted(steps) == [0, 1, 2]
 
