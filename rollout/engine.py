@@ -766,6 +766,9 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+            # Frozen objects are never collected: hand them back, or a cycle through this
+            # engine's model (e.g. its routing hooks) would keep the whole model alive.
+            gc.unfreeze()
 
     def __enter__(self) -> Engine:
         return self.start()

@@ -322,3 +322,16 @@ def test_truncated_rows_keep_their_limits_and_leave_neighbours_unchanged(mimo, r
                 assert float(higher) <= kw["top_p"] + 1e-5
             if "min_p" in kw:
                 assert float(p[token]) >= kw["min_p"] * float(p.max()) - 1e-6
+
+
+def test_shutdown_lets_the_model_be_collected(tiny_ckpts):
+    import gc
+    import weakref
+
+    engine = make_engine(tiny_ckpts["mimo"])  # start() freezes the collector's view
+    # The routing hooks and the routers form a cycle: only the cycle collector frees them.
+    router = weakref.ref(next(iter(engine.capture.routers.values())))
+    engine.shutdown()
+    del engine
+    gc.collect()
+    assert router() is None
