@@ -286,17 +286,7 @@ class DataScheduler:
                 continue
             serial = self._serial[name]
             self._serial[name] += 1
-            prompt = Prompt(
-                prompt_id=f"{name}/{serial}",
-                source=name,
-                domain=cfg.domain,
-                input_ids_P=ids,
-                text=item.text,
-                answer=item.answer,
-                metadata=item.metadata,
-                max_new_tokens=cfg.max_response_tokens,
-                temperature=cfg.temperature,
-            )
+            prompt = self._prompt(name, item, f"{name}/{serial}", ids)
             return PromptGroup(prompt, cfg.group_size, self._version, item.key)
         raise SchedulerError(
             f"source {name!r}: {_MAX_CONSECUTIVE_SKIPS} prompts in a row are empty or longer "
@@ -321,20 +311,23 @@ class DataScheduler:
             for item in self._sources[name].eval_items():
                 ids = np.asarray(self._tokenize(item.text), dtype=np.int64)
                 if 0 < ids.size <= cfg.max_prompt_tokens:
-                    out.append(
-                        Prompt(
-                            prompt_id=f"eval/{item.key}",
-                            source=name,
-                            domain=cfg.domain,
-                            input_ids_P=ids,
-                            text=item.text,
-                            answer=item.answer,
-                            metadata=item.metadata,
-                            max_new_tokens=cfg.max_response_tokens,
-                            temperature=cfg.temperature,
-                        )
-                    )
+                    out.append(self._prompt(name, item, f"eval/{item.key}", ids))
         return out
+
+    def _prompt(self, name: str, item: Any, prompt_id: str, ids: np.ndarray) -> Prompt:
+        """A source item as a Prompt, with the source's domain and sampling overrides."""
+        cfg = self._cfg[name]
+        return Prompt(
+            prompt_id=prompt_id,
+            source=name,
+            domain=cfg.domain,
+            input_ids_P=ids,
+            text=item.text,
+            answer=item.answer,
+            metadata=item.metadata,
+            max_new_tokens=cfg.max_response_tokens,
+            temperature=cfg.temperature,
+        )
 
     def _check_source(self, name: str) -> str:
         if name not in self._cfg:
