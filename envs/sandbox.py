@@ -1,0 +1,761 @@
+"""Sandboxes that run model-written shell commands with no network and nothing of the host writable.
+
+A ``Sandbox`` owns a working directory (a copy of a task's files) and runs ``bash -c COMMAND``
+in it, one call at a time, for the tools of ``envs.tools`` (the ``Toolbox`` keeps a pool of
+them). Every call gets fresh isolation, built from what Linux gives and nothing installed:
+
+- **namespaces** (``unshare`` of util-linux): a new mount, pid, network, IPC and UTS namespace.
+  The network namespace is empty (only a loopback that is down), so no connection leaves it.
+- **a fresh root**: a skeleton directory prepared once per sandbox, with read-only, ``nosuid``
+  bind mounts of only what bash, coreutils and Python need (``/usr``, the running Python's
+  prefix found from ``sys.base_prefix``/``sys.prefix``, ``ld.so.cache``, a few device nodes),
+  the working directory read-write at ``/workspace``, a private size-limited ``/tmp`` and
+  ``/dev/shm``, and ``/proc`` of the new pid namespace; then ``chroot``. Nothing else of the
+  host (``/root``, ``/home``, ``/etc/shadow``, other sandboxes) exists inside.
+- **a dedicated unprivileged uid** per sandbox (``setpriv``: no capabilities, empty bounding
+  set, ``no_new_privs``), so files of the host are protected by ordinary permissions even where
+  a mount would expose them, and ``RLIMIT_NPROC`` holds (the kernel does not enforce it for
+  uid 0, so a fork bomb is only contained for a non-root uid).
+- **rlimits** (``prlimit``): CPU seconds, address space, processes, file size, open files,
+  no core dumps; and **cgroups** (v1 ``pids`` and ``memory``, under the caller's own cgroup)
+  where the host lets us create them: a pid cap and a memory cap on the sandbox as a whole.
+- **wall clock**: the host kills the pid namespace's init at ``wall_seconds`` (every process of
+  the call dies with it), and a ``timeout`` inside kills it a little later even if the host
+  process died; no process outlives its call.
+- **output**: stdout and stderr share one pipe; the host keeps at most ``max_output_bytes`` and
+  kills the call when more arrives, so printing gigabytes costs neither memory nor disk.
+
+Fail closed: ``check_isolation()`` runs a probe once per process (namespaces, the uid drop,
+an empty network, an unreadable host) and raises ``SandboxUnavailable`` with the reason and the
+fix; ``Sandbox`` calls it before doing anything, and there is no unconfined fallback.
+Sandboxes need root (in a container: root with ``CAP_SYS_ADMIN``, see docs/security.md);
+a non-root process is refused, because without a uid to drop to, process limits would count
+the caller's own processes and host files owned by the caller would be writable.
+
+Only the working directory persists between calls; ``/tmp`` and every process are fresh per
+call. Host-side ``read_text``/``write_text`` confine paths to the working directory (symlinks
+the sandbox planted are resolved before the check; no sandbox process runs while they do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import os
+import re
+import select
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "SANDBOX_WORKDIR",
+    "ExecResult",
+    "Sandbox",
+    "SandboxLimits",
+    "SandboxUnavailable",
+    "check_isolation",
+]
+
+SANDBOX_WORKDIR = "/workspace"
+"""Where the working directory appears inside the sandbox (the cwd of every command)."""
+
+_UID_BASE = 1_800_000_000  # far above real users and the usual subuid ranges (100000+)
+_UID_SLOTS = 4096
+_SETUP_FAILED = 125
+_SETUP_MARKER = "mopd-sandbox: setup failed"
+_DEVICES = ("null", "zero", "full", "random", "urandom")
+_TOOLS = ("unshare", "mount", "timeout", "prlimit", "setpriv", "bash", "sh")
+
+
+class SandboxUnavailable(RuntimeError):
+    """Isolation cannot be set up here; the message names why and how to fix it."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Per-call limits of a sandbox (the ``Toolbox`` config fills them; ``Sandbox`` enforces them).
+
+    ``memory_bytes`` caps each process's address space (RLIMIT_AS) and, with the memory
+    cgroup, the resident memory of the whole call. ``max_processes`` counts processes and
+    threads of the sandbox's uid. ``max_disk_bytes`` is the size of the private ``/tmp`` and
+    the most the working directory may hold after a call (checked after each call; a
+    sandbox over it reports ``limit_hit="disk"`` and is unhealthy until reset).
+    """
+
+    cpu_seconds: float = 30.0
+    wall_seconds: float = 60.0
+    memory_bytes: int = 1 << 30
+    max_processes: int = 64
+    max_output_bytes: int = 65536
+    max_file_bytes: int = 64 << 20
+    max_disk_bytes: int = 512 << 20
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"SandboxLimits.{name} must be > 0, got {value!r}")
+        if self.memory_bytes < 64 << 20:
+            raise ValueError(
+                f"SandboxLimits.memory_bytes={self.memory_bytes} is too small for bash and "
+                "python to start; use at least 64 MiB"
+            )
+        if self.max_processes < 4:
+            raise ValueError("SandboxLimits.max_processes must be >= 4 (bash needs a few)")
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """What one ``Sandbox.run`` produced; ``envs.tools`` turns it into an observation.
+
+    ``exit_code`` is the command's status (128 + N when a signal N ended it, as bash
+    reports), None when the host killed the call (wall time, output size). ``output`` is
+    stdout and stderr interleaved, decoded as UTF-8 (invalid bytes replaced), at most
+    ``max_output_bytes`` long. ``limit_hit`` names the first limit the call ran into:
+    ``"wall_time"``, ``"output"``, ``"cpu_time"``, ``"memory"``, ``"processes"``,
+    ``"file_size"`` or ``"disk"``; None when none did.
+    """
+
+    exit_code: int | None
+    output: str
+    truncated: bool
+    timed_out: bool
+    limit_hit: str | None
+    wall_s: float
+
+
+def _which(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise SandboxUnavailable(
+            f"sandbox needs the '{name}' command but it is not on PATH; install util-linux and "
+            "coreutils (Debian/Ubuntu: apt-get install util-linux coreutils bash)"
+        )
+    return path
+
+
+def _tools() -> dict[str, str]:
+    """Absolute paths of the host tools the sandbox chain uses (resolved on every call to
+    ``check_isolation`` so that PATH decides, as for any command)."""
+    tools = {name: _which(name) for name in _TOOLS}
+    for name in ("prlimit", "setpriv", "bash"):  # these run inside the new root: must be in /usr
+        real = os.path.realpath(tools[name])
+        if not real.startswith("/usr/"):
+            raise SandboxUnavailable(
+                f"'{name}' resolves to {real}, outside /usr, so it would not exist inside the "
+                "sandbox root; install it from the system packages (util-linux / bash)"
+            )
+        tools[name] = real
+    return tools
+
+
+def _python_prefixes() -> list[str]:
+    """The running interpreter's prefixes (a venv and its base), outermost first, minus any
+    already under /usr (mounted anyway)."""
+    out: list[str] = []
+    for prefix in sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}):
+        if prefix == "/" or prefix.startswith("/usr/") or prefix == "/usr":
+            continue
+        if any(prefix.startswith(p + "/") for p in out):
+            continue
+        out.append(prefix)
+    return out
+
+
+def _fstab_escape(path: str) -> str:
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
+
+
+def _own_cgroup(controller: str) -> Path | None:
+    """This process's cgroup directory for a v1 controller, or None without one."""
+    mount = Path("/sys/fs/cgroup") / controller
+    if not mount.is_dir():
+        return None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controller in controllers.split(","):
+                return mount / path.lstrip("/")
+    return None
+
+
+@dataclass(frozen=True)
+class _Uid:
+    """A per-sandbox uid, held by an flock on a lock file for the sandbox's lifetime (so
+    sandboxes of different processes on one host never share a uid)."""
+
+    uid: int
+    lock_fd: int
+
+
+def _lock_dir() -> Path:
+    for candidate in (Path("/run/mopd-sandbox"), Path(tempfile.gettempdir()) / "mopd-sandbox"):
+        with contextlib.suppress(OSError):
+            candidate.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if os.access(candidate, os.W_OK):
+                return candidate
+    raise SandboxUnavailable("no writable directory for sandbox uid locks (/run or $TMPDIR)")
+
+
+def _acquire_uid() -> _Uid:
+    lock_dir = _lock_dir()
+    for slot in range(_UID_SLOTS):
+        fd = os.open(lock_dir / f"uid-{slot}.lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        uid = _UID_BASE + slot
+        _kill_uid(uid)  # a previous owner may have died mid-call
+        return _Uid(uid, fd)
+    raise SandboxUnavailable(f"all {_UID_SLOTS} sandbox uids are in use on this host")
+
+
+def _pids_of_uid(uid: int) -> list[int]:
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if entry.stat().st_uid == uid:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _kill_uid(uid: int) -> None:
+    for pid in _pids_of_uid(uid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+class Sandbox:
+    """One isolated working directory; see the module docstring for what isolation means.
+
+    ``files_from`` (a directory) is copied into the working directory; None starts empty.
+    ``base_dir`` holds the sandbox's files (working directory, root skeleton); by default a
+    new temporary directory, removed by ``close``. Not thread-safe: one call at a time.
+    """
+
+    def __init__(
+        self,
+        files_from: Path | None = None,
+        limits: SandboxLimits = SandboxLimits(),
+        base_dir: Path | None = None,
+    ) -> None:
+        self.limits = limits
+        self._tools = check_isolation()
+        self._closed = False
+        self._uid = _acquire_uid()
+        self._own_base = base_dir is None
+        parent = Path(base_dir) if base_dir is not None else Path(tempfile.gettempdir())
+        parent.mkdir(parents=True, exist_ok=True)
+        self._base = Path(tempfile.mkdtemp(prefix=f"mopd-sandbox-{self.uid}-", dir=parent))
+        self.workdir = self._base / "workspace"
+        self._root = self._base / "root"
+        self._fstab = self._base / "fstab"
+        self._cgroups: dict[str, Path] = {}
+        self._disk_over = False
+        try:
+            self.workdir.mkdir(mode=0o755)
+            os.chown(self.workdir, self.uid, self.uid)
+            self._build_root()
+            self._make_cgroups()
+            self.reset(files_from)
+        except BaseException:
+            self.close()
+            raise
+
+    # ----------------------------------------------------------------------------- setup
+
+    @property
+    def uid(self) -> int:
+        """The host uid every process of this sandbox runs as."""
+        return self._uid.uid
+
+    def _build_root(self) -> None:
+        """The skeleton of the new root (root-owned, read-only for the sandbox uid) and the
+        fstab that mounts into it; built once, mounted in a private namespace per call."""
+        root = self._root
+        root.mkdir(mode=0o755)
+        entries: list[tuple[str, str, str, str]] = []
+
+        def bind(src: str, rel: str, opts: str = "bind,ro,nosuid,nodev") -> None:
+            entries.append((src, str(root / rel.lstrip("/")), "none", opts))
+
+        for name in ("usr", "etc", "dev", "dev/shm", "proc", "tmp", SANDBOX_WORKDIR.lstrip("/")):
+            (root / name).mkdir(mode=0o755, exist_ok=True)
+        bind("/usr", "usr")
+        for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+            host = Path("/") / top
+            if host.is_symlink():
+                (root / top).symlink_to(os.readlink(host))
+            elif host.is_dir():
+                (root / top).mkdir(mode=0o755)
+                bind(str(host), top)
+        for prefix in _python_prefixes():
+            (root / prefix.lstrip("/")).mkdir(mode=0o755, parents=True)
+            bind(prefix, prefix)
+        etc = root / "etc"
+        (etc / "passwd").write_text(
+            f"root:x:0:0:root:/:/usr/sbin/nologin\nsandbox:x:{self.uid}:{self.uid}:sandbox:"
+            f"{SANDBOX_WORKDIR}:/bin/bash\nnobody:x:65534:65534:nobody:/:/usr/sbin/nologin\n"
+        )
+        (etc / "group").write_text(f"root:x:0:\nsandbox:x:{self.uid}:\nnogroup:x:65534:\n")
+        (etc / "hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
+        (etc / "hostname").write_text("sandbox\n")
+        (etc / "resolv.conf").write_text("")
+        for name in ("ld.so.cache", "nsswitch.conf", "localtime"):
+            host = Path("/etc") / name
+            if host.is_file():
+                (etc / name).touch()
+                bind(str(host.resolve()), f"etc/{name}")
+        if Path("/etc/alternatives").is_dir():  # symlink farm for awk, editors, ...
+            (etc / "alternatives").mkdir()
+            bind("/etc/alternatives", "etc/alternatives")
+        for dev in _DEVICES:
+            (root / "dev" / dev).touch()
+            bind(f"/dev/{dev}", f"dev/{dev}", "bind,nosuid,noexec")
+        for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0")):
+            (root / "dev" / name).symlink_to(target)
+        (root / "dev/stdout").symlink_to("/proc/self/fd/1")
+        (root / "dev/stderr").symlink_to("/proc/self/fd/2")
+        disk = self.limits.max_disk_bytes
+        entries += [
+            (
+                "tmpfs",
+                str(root / "tmp"),
+                "tmpfs",
+                f"size={disk},nr_inodes=65536,mode=1777,nosuid,nodev",
+            ),
+            ("tmpfs", str(root / "dev/shm"), "tmpfs", f"size={disk},mode=1777,nosuid,nodev,noexec"),
+            ("proc", str(root / "proc"), "proc", "nosuid,nodev,noexec"),
+            (
+                str(self.workdir),
+                str(root / SANDBOX_WORKDIR.lstrip("/")),
+                "none",
+                "bind,nosuid,nodev",
+            ),
+        ]
+        self._fstab.write_text(
+            "".join(
+                f"{_fstab_escape(src)} {_fstab_escape(dst)} {kind} {opts} 0 0\n"
+                for src, dst, kind, opts in entries
+            )
+        )
+
+    def _make_cgroups(self) -> None:
+        """Per-sandbox v1 ``pids`` and ``memory`` cgroups under our own, where the host lets
+        us (rlimits alone still bound every process; these bound the call as a whole)."""
+        settings = {
+            "pids": {"pids.max": str(self.limits.max_processes + 8)},
+            "memory": {
+                "memory.limit_in_bytes": str(self.limits.memory_bytes + self.limits.max_disk_bytes)
+            },
+        }
+        for controller, files in settings.items():
+            parent = _own_cgroup(controller)
+            if parent is None:
+                continue
+            path = parent / f"mopd-sandbox-{self.uid}"
+            try:
+                path.mkdir(exist_ok=True)
+                for name, value in files.items():
+                    (path / name).write_text(value)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+                continue
+            self._cgroups[controller] = path
+
+    def _counter(self, controller: str, file: str, key: str | None = None) -> int:
+        path = self._cgroups.get(controller)
+        if path is None:
+            return 0
+        with contextlib.suppress(OSError, ValueError):
+            text = (path / file).read_text()
+            if key is None:
+                return int(text.strip())
+            for line in text.splitlines():
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+        return 0
+
+    def _argv(self, command: str, wall_s: float) -> list[str]:
+        t, lim = self._tools, self.limits
+        cpu = max(1, int(lim.cpu_seconds + 0.999))
+        inner = [
+            t["timeout"], "-s", "KILL", f"{wall_s + 2:.1f}",
+            t["unshare"], f"--root={self._root}", f"--wd={SANDBOX_WORKDIR}",
+            t["prlimit"], f"--cpu={cpu}:{cpu + 1}", f"--as={lim.memory_bytes}",
+            f"--nproc={lim.max_processes}", f"--fsize={lim.max_file_bytes}",
+            "--nofile=256", "--core=0", "--",
+            t["setpriv"], f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups",
+            "--no-new-privs", "--bounding-set=-all", "--inh-caps=-all", "--",
+            t["bash"], "-c", command,
+        ]  # fmt: skip
+        # pid 1 of the new pid namespace is this root shell: it mounts, then waits for the
+        # command instead of exec'ing it, so the command is not an init that ignores
+        # SIGXCPU, and its death (or the host's SIGKILL via --kill-child) ends every process.
+        setup = (
+            f"{shlex.quote(t['mount'])} -a -T {shlex.quote(str(self._fstab))} 2>&1 "
+            f"|| {{ echo '{_SETUP_MARKER}: mount' >&2; exit {_SETUP_FAILED}; }}; "
+            + shlex.join(inner)
+        )
+        join = "".join(
+            f"echo $$ > {shlex.quote(str(p / 'cgroup.procs'))} && " for p in self._cgroups.values()
+        )
+        outer = (
+            f"{join}exec {shlex.quote(t['unshare'])} --mount --propagation private --pid "
+            "--kill-child --net --ipc --uts -- "
+            f"{shlex.quote(t['sh'])} -c {shlex.quote(setup)}"
+        )
+        return [t["sh"], "-c", outer]
+
+    # ------------------------------------------------------------------------------- run
+
+    def run(self, command: str, timeout_s: float | None = None) -> ExecResult:
+        """Run ``bash -c command`` in the sandbox (cwd ``/workspace``) and wait for it.
+
+        ``timeout_s`` lowers the wall-clock limit for this call (never raises it above
+        ``limits.wall_seconds``). Raises ``SandboxUnavailable`` if the isolation could not
+        be set up for this call (the sandbox is then unhealthy).
+        """
+        if self._closed:
+            raise RuntimeError("Sandbox.run on a closed sandbox; create a new one")
+        lim = self.limits
+        wall = lim.wall_seconds if timeout_s is None else min(float(timeout_s), lim.wall_seconds)
+        before = {
+            "oom": self._counter("memory", "memory.oom_control", "oom_kill"),
+            "memfail": self._counter("memory", "memory.failcnt"),
+            "pidsmax": self._counter("pids", "pids.events", "max"),
+        }
+        start = time.monotonic()
+        deadline = start + wall
+        proc = subprocess.Popen(
+            self._argv(command, wall),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            close_fds=True,
+            cwd="/",
+            env=_sandbox_env(),
+        )
+        chunks: list[bytes] = []
+        size = 0
+        killed_for: str | None = None
+        fd = proc.stdout.fileno()
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    killed_for = "wall_time"
+                    break
+                ready, _, _ = select.select([fd], [], [], remaining)
+                if not ready:
+                    continue
+                data = os.read(fd, 65536)
+                if not data:
+                    break
+                chunks.append(data)
+                size += len(data)
+                if size > lim.max_output_bytes:
+                    killed_for = "output"
+                    break
+            if killed_for is not None:
+                self._kill(proc)
+                exit_code = None
+            else:
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+                    exit_code = proc.returncode
+                except subprocess.TimeoutExpired:
+                    self._kill(proc)
+                    killed_for, exit_code = "wall_time", None
+        finally:
+            if proc.poll() is None:
+                self._kill(proc)
+            proc.stdout.close()
+        wall_s = time.monotonic() - start
+        raw = b"".join(chunks)
+        truncated = len(raw) > lim.max_output_bytes
+        raw = raw[: lim.max_output_bytes]
+        output = raw.decode("utf-8", errors="replace")
+        if exit_code is not None and exit_code < 0:  # the unshare process itself was signalled
+            exit_code = 128 - exit_code
+        if exit_code == _SETUP_FAILED and _SETUP_MARKER in output:
+            self._setup_broken = True
+            raise SandboxUnavailable(f"sandbox isolation failed for this call: {output.strip()}")
+        limit = killed_for or self._limit_from(exit_code, output, before)
+        return ExecResult(
+            exit_code=exit_code,
+            output=output,
+            truncated=truncated,
+            timed_out=killed_for == "wall_time",
+            limit_hit=limit,
+            wall_s=wall_s,
+        )
+
+    def _limit_from(self, exit_code: int | None, output: str, before: dict[str, int]) -> str | None:
+        if self._counter("memory", "memory.oom_control", "oom_kill") > before["oom"]:
+            return "memory"
+        if exit_code == 128 + signal.SIGXCPU:
+            return "cpu_time"
+        if exit_code == 128 + signal.SIGXFSZ or "File too large" in output:
+            return "file_size"
+        if exit_code not in (None, 0) and re.search(
+            r"MemoryError|Cannot allocate memory|std::bad_alloc|out of memory", output
+        ):
+            return "memory"
+        if self._counter("pids", "pids.events", "max") > before["pidsmax"] or (
+            "fork: retry" in output or "Resource temporarily unavailable" in output
+        ):
+            return "processes"
+        if self._disk_usage() > self.limits.max_disk_bytes:
+            self._disk_over = True
+            return "disk"
+        return None
+
+    def _kill(self, proc: subprocess.Popen) -> None:
+        """Kill the call's whole process tree: SIGKILL to ``unshare`` kills the namespace's
+        init (``--kill-child``), whose death kills every process in the pid namespace; the
+        sweeps by uid and cgroup catch anything caught mid-setup."""
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+        for _ in range(50):
+            _kill_uid(self.uid)
+            for cg in self._cgroups.values():
+                with contextlib.suppress(OSError, ValueError):
+                    for pid in (cg / "cgroup.procs").read_text().split():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(pid), signal.SIGKILL)
+            if not _pids_of_uid(self.uid):
+                return
+            time.sleep(0.01)
+
+    # ------------------------------------------------------------------- host-side files
+
+    def _resolve(self, rel: str | os.PathLike[str]) -> Path:
+        rel = str(rel)
+        if rel == SANDBOX_WORKDIR or rel.startswith(SANDBOX_WORKDIR + "/"):
+            rel = rel[len(SANDBOX_WORKDIR) :].lstrip("/")
+        if os.path.isabs(rel):
+            raise ValueError(
+                f"path {rel!r} is outside the working directory; use a path relative to "
+                f"{SANDBOX_WORKDIR} (or under it)"
+            )
+        root = self.workdir.resolve()
+        path = (root / rel).resolve()
+        if path != root and root not in path.parents:
+            raise ValueError(
+                f"path {rel!r} resolves outside the working directory {SANDBOX_WORKDIR}; only "
+                "files under it can be read or written"
+            )
+        return path
+
+    def read_text(self, rel: str | os.PathLike[str]) -> str:
+        """A file of the working directory (``rel`` relative to it, or under /workspace)."""
+        path = self._resolve(rel)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with open(fd, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def write_text(self, rel: str | os.PathLike[str], text: str) -> None:
+        """Write a file of the working directory, owned by the sandbox uid; parent
+        directories are created."""
+        path = self._resolve(rel)
+        data = text.encode("utf-8")
+        if len(data) > self.limits.max_file_bytes:
+            raise ValueError(
+                f"{len(data)} bytes exceed the sandbox's max_file_bytes={self.limits.max_file_bytes}"
+            )
+        created = []
+        parent = path.parent
+        while not parent.exists():
+            created.append(parent)
+            parent = parent.parent
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for directory in created:
+            os.chown(directory, self.uid, self.uid)
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+        )
+        with open(fd, "wb") as f:
+            f.write(data)
+        os.chown(path, self.uid, self.uid)
+
+    def reset(self, files_from: Path | None = None) -> None:
+        """Make the working directory a fresh copy of ``files_from`` (empty for None)."""
+        if self._closed:
+            raise RuntimeError("Sandbox.reset on a closed sandbox")
+        _kill_uid(self.uid)
+        # Empty it in place: the directory itself is the bind source of every call.
+        for entry in os.scandir(self.workdir):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        if files_from is not None:
+            src = Path(files_from)
+            if not src.is_dir():
+                raise ValueError(f"files_from={src} is not a directory")
+            shutil.copytree(src, self.workdir, symlinks=True, dirs_exist_ok=True)
+            for dirpath, dirnames, filenames in os.walk(self.workdir):
+                for name in dirnames + filenames:
+                    os.lchown(os.path.join(dirpath, name), self.uid, self.uid)
+        self._disk_over = False
+        self._setup_broken = False
+
+    def _disk_usage(self) -> int:
+        total = 0
+        for dirpath, _, filenames in os.walk(self.workdir):
+            for name in filenames:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+        return total
+
+    def healthy(self) -> bool:
+        """True if the sandbox can take a call: open, its isolation set up on the last call,
+        its working directory within the disk limit, and a trivial command runs."""
+        if self._closed or getattr(self, "_setup_broken", False) or self._disk_over:
+            return False
+        try:
+            result = self.run("echo ok", timeout_s=min(10.0, self.limits.wall_seconds))
+        except SandboxUnavailable:
+            return False
+        return result.exit_code == 0 and result.output == "ok\n"
+
+    def close(self) -> None:
+        """Kill anything left, remove the cgroups and (if we made it) the base directory."""
+        if self._closed:
+            return
+        self._closed = True
+        _kill_uid(self.uid)
+        for cg in getattr(self, "_cgroups", {}).values():
+            with contextlib.suppress(OSError):
+                cg.rmdir()
+        if getattr(self, "_base", None) is not None and self._base.exists():
+            shutil.rmtree(self._base, ignore_errors=True)
+        os.close(self._uid.lock_fd)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            if not self._closed:
+                self.close()
+
+
+def _sandbox_env() -> dict[str, str]:
+    path = [os.path.join(p, "bin") for p in reversed(_python_prefixes())]
+    path += ["/usr/local/bin", "/usr/bin", "/bin"]
+    return {
+        "PATH": ":".join(path),
+        "HOME": SANDBOX_WORKDIR,
+        "USER": "sandbox",
+        "LANG": "C.UTF-8",
+        "TMPDIR": "/tmp",
+        "TERM": "dumb",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+_PROBE = r"""
+echo "uid=$(id -u)"
+echo "ifaces=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\n' ,)"
+echo "procs=$(ls /proc | grep -c '^[0-9]')"
+for p in /etc/shadow /root/.bash_history "$HOST_BASE"; do test -e "$p" && echo "visible=$p"; done
+touch /usr/probe 2>/dev/null && echo "writable=/usr"
+echo probe > probe && echo "workdir=rw"
+"""
+
+
+@functools.cache
+def _probe(tools: tuple[tuple[str, str], ...]) -> None:
+    del tools  # the cache key: a changed PATH probes again
+    if os.geteuid() != 0:
+        raise SandboxUnavailable(
+            f"sandboxes need root (running as uid {os.geteuid()}): each sandbox runs as its own "
+            "unprivileged uid and sets up mounts in a private namespace. Run the toolbox as "
+            "root in its container with CAP_SYS_ADMIN (see docs/security.md)"
+        )
+    for ns in ("mnt", "pid", "net", "ipc", "uts"):
+        if not os.path.exists(f"/proc/self/ns/{ns}"):
+            raise SandboxUnavailable(f"the kernel lacks {ns} namespaces (no /proc/self/ns/{ns})")
+    sandbox = Sandbox.__new__(Sandbox)
+    sandbox.limits = SandboxLimits(wall_seconds=20.0, cpu_seconds=10.0)
+    sandbox._tools = _tools()
+    sandbox._closed = True  # close() below is a no-op until fully built
+    uid = _acquire_uid()
+    base = Path(tempfile.mkdtemp(prefix="mopd-sandbox-probe-"))
+    try:
+        sandbox._uid, sandbox._base = uid, base
+        sandbox.workdir, sandbox._root, sandbox._fstab = (
+            base / "workspace",
+            base / "root",
+            base / "fstab",
+        )
+        sandbox._cgroups, sandbox._disk_over, sandbox._setup_broken = {}, False, False
+        sandbox.workdir.mkdir()
+        os.chown(sandbox.workdir, uid.uid, uid.uid)
+        sandbox._build_root()
+        sandbox._closed = False
+        try:
+            result = sandbox.run(f"HOST_BASE={shlex.quote(str(base))}\n{_PROBE}")
+        except SandboxUnavailable as exc:
+            raise SandboxUnavailable(
+                f"{exc}. The kernel or container refused a mount or namespace; run as root with "
+                "CAP_SYS_ADMIN and a seccomp/AppArmor profile that allows unshare and mount "
+                "(see docs/security.md)"
+            ) from None
+        facts = dict(line.split("=", 1) for line in result.output.splitlines() if "=" in line)
+        problems = []
+        if result.exit_code != 0 or facts.get("workdir") != "rw":
+            problems.append(
+                f"the probe command failed (exit {result.exit_code}): {result.output.strip()!r}"
+            )
+        if facts.get("uid") != str(uid.uid):
+            problems.append(
+                f"commands run as uid {facts.get('uid')}, not the sandbox uid {uid.uid}"
+            )
+        if facts.get("ifaces", "").strip(",") not in ("lo", ""):
+            problems.append(f"the network namespace has interfaces {facts.get('ifaces')}")
+        if "visible" in facts or "writable" in facts:
+            problems.append(f"host paths leak into the sandbox: {facts}")
+        if problems:
+            raise SandboxUnavailable(
+                "sandbox isolation probe failed: "
+                + "; ".join(problems)
+                + ". Check that unshare, mount and setpriv are util-linux's and that the kernel "
+                "allows mount/pid/net namespaces (see docs/security.md)"
+            )
+    finally:
+        sandbox._closed = True
+        _kill_uid(uid.uid)
+        shutil.rmtree(base, ignore_errors=True)
+        os.close(uid.lock_fd)
+
+
+def check_isolation() -> dict[str, str]:
+    """Probe (once per process and PATH) that sandboxes can be isolated here; raises
+    ``SandboxUnavailable`` naming why and the fix. Returns the host tools the sandbox uses."""
+    if not sys.platform.startswith("linux"):
+        raise SandboxUnavailable(f"sandboxes need Linux namespaces; this is {sys.platform}")
+    tools = _tools()
+    _probe(tuple(sorted(tools.items())))
+    return tools
