@@ -337,7 +337,8 @@ class Sandbox:
                 f"size={disk},nr_inodes=65536,mode=1777,nosuid,nodev",
             ),
             ("tmpfs", str(root / "dev/shm"), "tmpfs", f"size={disk},mode=1777,nosuid,nodev,noexec"),
-            ("proc", str(root / "proc"), "proc", "nosuid,nodev,noexec"),
+            # hidepid: the sandbox uid cannot see the root-owned init and its setup arguments
+            ("proc", str(root / "proc"), "proc", "nosuid,nodev,noexec,hidepid=2"),
             (
                 str(self.workdir),
                 str(root / SANDBOX_WORKDIR.lstrip("/")),
@@ -510,7 +511,9 @@ class Sandbox:
             return "memory"
         if exit_code == 128 + signal.SIGXCPU:
             return "cpu_time"
-        if exit_code == 128 + signal.SIGXFSZ or "File too large" in output:
+        if exit_code == 128 + signal.SIGXFSZ or re.search(
+            r"File too large|File size limit exceeded", output
+        ):
             return "file_size"
         if exit_code not in (None, 0) and re.search(
             r"MemoryError|Cannot allocate memory|std::bad_alloc|out of memory", output
