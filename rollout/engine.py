@@ -27,6 +27,20 @@ keys a plain full forward shows them. For the model types listed in
 KV head, without copying the cache once per query head). Tests hold every step to a plain
 forward of the same tokens.
 
+Sessions (SGLang's ``/open_session`` + ``session_params``, ``srt/session/session_controller.py``).
+A request with ``session=SessionParams(id, rid)`` continues request ``rid`` of an open session:
+its context is that request's prompt + output tokens + the new ``input_ids``. When a session
+request finishes, the engine keeps a snapshot of its slot row (keys/values of every position
+run forward, the routes recorded for them) in the session; the next turn whose context starts
+with those tokens restores the snapshot into its slot and prefills only the rest (the last
+sampled token of the turn before and the new tokens): an "extend" forward whose rows start at
+their cached length. Restored positions keep the routes recorded when they first ran, so the
+routes an earlier turn returned are the rows a later turn returns for the same positions.
+Memory: one snapshot per session (the latest finished turn), ``max_sessions`` sessions, closed
+by ``close_session`` or after ``session_timeout_s`` idle; ``release_memory`` drops snapshots
+(later turns prefill everything again). A turn that needs what a snapshot lacks (input
+log-probs or routes of cached positions), or branches off an older turn, is prefilled whole.
+
 Per-step state stays on tensors: each slot's last token, position, generated tokens,
 log-probs and routed experts live in ``_SlotState`` rows that move with the KV rows; Python
 work per step is constant plus the rows that finish (finishing by length is known in advance)
@@ -89,6 +103,7 @@ __all__ = [
     "Request",
     "RequestError",
     "SamplingParams",
+    "SessionParams",
     "SlotKVCache",
 ]
 
@@ -248,11 +263,60 @@ def _as_int(value: Any, name: str) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class SessionParams:
+    """SGLang's ``GenerateReqInput.session_params`` (``srt/managers/io_struct.py``).
+
+    ``id`` names an open session. ``rid`` is the earlier request of that session to continue:
+    the new request's tokens are that request's prompt + its output tokens + ``input_ids``
+    (``offset``: that context cut to its first ``offset`` tokens before appending;
+    ``drop_previous_output``: its prompt only). ``rid`` None starts a fresh branch in the
+    session. ``replace`` first discards the requests that continued ``rid`` (all of the
+    session's requests when ``rid`` is None).
+    """
+
+    id: str
+    rid: str | None = None
+    offset: int | None = None
+    replace: bool | None = None
+    drop_previous_output: bool | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SessionParams:
+        """Validate a ``session_params`` dict; raise ``RequestError`` naming the field."""
+        if not isinstance(raw, dict):
+            raise RequestError(f"session_params must be an object, got {raw!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise RequestError(f"unknown session_params field(s) {unknown}; known: {sorted(known)}")
+        sid = raw.get("id")
+        if not isinstance(sid, str) or not sid:
+            raise RequestError(f"session_params.id must be a session id string, got {sid!r}")
+        rid, offset = raw.get("rid"), raw.get("offset")
+        if rid is not None and not isinstance(rid, str):
+            raise RequestError(f"session_params.rid must be a string or null, got {rid!r}")
+        if offset is not None and (
+            isinstance(offset, bool) or not isinstance(offset, int) or offset < 0
+        ):
+            raise RequestError(f"session_params.offset must be an integer >= 0, got {offset!r}")
+        flags = {}
+        for name in ("replace", "drop_previous_output"):
+            value = raw.get(name)
+            if value is not None and not isinstance(value, bool):
+                raise RequestError(f"session_params.{name} must be true, false or null")
+            flags[name] = value
+        return cls(id=sid, rid=rid, offset=offset, **flags)
+
+
+@dataclasses.dataclass(frozen=True)
 class Request:
     """One sequence to generate (SGLang expands ``n`` and batches into these).
 
     ``logprob_start_len`` -1 means only the last prompt position (SGLang's default).
     ``copy_index`` tells apart the parallel samples of one prompt (seed derivation).
+    ``session``: continue a session's earlier request (see ``SessionParams``); positions
+    ``logprob_start_len`` and ``routed_experts_start_len`` then count from the start of the
+    whole context (earlier turns included), as in SGLang.
     """
 
     input_ids: tuple[int, ...]
@@ -264,6 +328,7 @@ class Request:
     return_routed_experts: bool = False
     routed_experts_start_len: int = 0
     copy_index: int = 0
+    session: SessionParams | None = None
 
 
 LogprobEntry = tuple[float | None, int]
@@ -277,6 +342,9 @@ class Output:
     ``input_token_logprobs`` covers prompt positions ``logprob_start_len..P-1`` with ``None``
     first (SGLang pads the first one). ``routed_experts`` is int32 [T, L, k] for rows
     ``routed_experts_start_len..P+N-2`` (every token the model ran forward on).
+    For a session request ``P`` is the whole context (earlier turns + this request's tokens),
+    ``output_ids`` only this turn's tokens, and ``cached_tokens`` the context positions whose
+    keys/values (and routes) came from the session instead of a forward.
     """
 
     rid: str
@@ -291,6 +359,7 @@ class Output:
     input_top_logprobs: list[list[LogprobEntry] | None] | None = None
     output_top_logprobs: list[list[LogprobEntry]] | None = None
     routed_experts: np.ndarray | None = None
+    cached_tokens: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,6 +389,16 @@ class _StepPlan:
     keep_b_N: torch.Tensor | None = None  # prefill: its batch row in this forward
     keep_q_N: torch.Tensor | None = None  # prefill: its position
     keep_slot_N: torch.Tensor | None = None  # prefill: its ring slot
+    # Extend (``extend=True``, a prefill whose rows already hold a cached prefix, restored
+    # from a session): row b runs positions ``start_b..start_b+Q-1``. Full-attention layers
+    # write the real new keys (``ext_*``) at their positions and read ``kv_len`` positions;
+    # sliding layers read the ring as it was plus this forward's keys (``W + Q`` keys), then
+    # keep the last ``window`` new keys of each row (``keep_*``).
+    extend: bool = False
+    ext_rows_N: torch.Tensor | None = None  # slot row of each new key
+    ext_b_N: torch.Tensor | None = None  # its batch row in this forward
+    ext_q_N: torch.Tensor | None = None  # its query index in this forward
+    ext_pos_N: torch.Tensor | None = None  # its position
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -354,6 +433,23 @@ class _SlotLayer(CacheLayerMixin):
         plan = self.owner.plan
         keys_BHQD = key_states.to(self.keys.dtype)
         values_BHQD = value_states.to(self.values.dtype)
+        if plan.extend:
+            rows = slice(plan.row0, plan.row0 + key_states.shape[0])
+            if self.window is None:
+                where = (plan.ext_rows_N, slice(None), plan.ext_pos_N)
+                self.keys[where] = keys_BHQD[plan.ext_b_N, :, plan.ext_q_N]
+                self.values[where] = values_BHQD[plan.ext_b_N, :, plan.ext_q_N]
+                return self.keys[rows, :, : plan.kv_len], self.values[rows, :, : plan.kv_len]
+            # The ring's old keys are read before the new ones overwrite any slot.
+            keys = torch.cat([self.keys[rows], keys_BHQD], dim=2)
+            values = torch.cat([self.values[rows], values_BHQD], dim=2)
+            self.keys[plan.keep_rows_N, :, plan.keep_slot_N] = keys_BHQD[
+                plan.keep_b_N, :, plan.keep_q_N
+            ]
+            self.values[plan.keep_rows_N, :, plan.keep_slot_N] = values_BHQD[
+                plan.keep_b_N, :, plan.keep_q_N
+            ]
+            return keys, values
         if plan.prefill:
             batch, _, q_len, _ = key_states.shape
             if self.window is None:
@@ -387,8 +483,20 @@ class _SlotLayer(CacheLayerMixin):
             self.keys[dst_R, :, used] = self.keys[src_R, :, used]
             self.values[dst_R, :, used] = self.values[src_R, :, used]
 
+    def snapshot(self, row: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of row ``row``'s keys/values: positions ``0..length-1`` (full attention)
+        or the whole ring (sliding window)."""
+        used = slice(None) if self.window is not None else slice(0, length)
+        return self.keys[row, :, used].clone(), self.values[row, :, used].clone()
+
+    def restore(self, row: int, keys_HKD: torch.Tensor, values_HKD: torch.Tensor) -> None:
+        self.keys[row, :, : keys_HKD.shape[1]] = keys_HKD
+        self.values[row, :, : values_HKD.shape[1]] = values_HKD
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         plan = self.owner.plan
+        if plan.extend:
+            return (plan.kv_len if self.window is None else self.window + query_length), 0
         if plan.prefill:
             return query_length, 0
         return (plan.kv_len if self.window is None else plan.ring_len), 0
@@ -432,6 +540,19 @@ class SlotKVCache(Cache):
         in every layer."""
         for layer in self.layers:
             layer.move_rows(src_R, dst_R, length)
+
+    @property
+    def allocated(self) -> bool:
+        return all(layer.is_initialized for layer in self.layers)
+
+    def snapshot_row(self, row: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's keys/values of row ``row`` holding positions ``0..length-1``."""
+        return [layer.snapshot(row, length) for layer in self.layers]
+
+    def restore_row(self, row: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write a ``snapshot_row`` back into row ``row`` (of any slot)."""
+        for layer, (keys_HKD, values_HKD) in zip(self.layers, layers, strict=True):
+            layer.restore(row, keys_HKD, values_HKD)
 
     def drop_buffers(self) -> None:
         """Free every buffer (re-allocated lazily on the next forward)."""
@@ -517,6 +638,9 @@ class EngineConfig:
     random_seed: int = 0
     weight_version: str = "default"
     return_original_logprob: bool = False
+    max_sessions: int = 256  # open sessions at most (each may hold one turn's KV cache)
+    session_timeout_s: float | None = 600.0  # idle time before a session is closed, when
+    # ``open_session`` names no timeout (None: sessions live until closed)
 
 
 _DTYPES = {
@@ -526,6 +650,42 @@ _DTYPES = {
     "half": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+
+
+@dataclasses.dataclass
+class _KVSnapshot:
+    """A finished session turn kept for the next one: the keys/values of context positions
+    ``0..length-1`` (``tokens[:length]``; the last generated token was never run forward),
+    per layer ``[H_kv, length or W, D]`` on the engine's device, and the routes recorded for
+    those positions (int32 ``[length, L, k]``; None when the turn did not record routes)."""
+
+    tokens: list[int]
+    length: int
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    routes_TLk: torch.Tensor | None
+
+
+class _Session:
+    """One open session (SGLang's ``Session``): its requests as a tree keyed by rid, each
+    with its whole token context once finished (None while it runs), and the KV cache of
+    the latest finished turn. Owned by the engine thread."""
+
+    def __init__(self, session_id: str, timeout: float | None) -> None:
+        self.id = session_id
+        self.timeout = timeout
+        self.last_active = time.monotonic()
+        self.tokens: dict[str, list[int] | None] = {}  # rid -> prompt + output, when finished
+        self.prompt_lens: dict[str, int] = {}  # rid -> tokens of its context before its output
+        self.children: dict[str | None, list[str]] = {}  # rid (None: root) -> continuing rids
+        self.snapshot: _KVSnapshot | None = None
+        self.closed = False
+
+    def drop(self, rid: str) -> None:
+        """Forget ``rid`` and every request that continued it."""
+        for child in self.children.pop(rid, []):
+            self.drop(child)
+        self.tokens.pop(rid, None)
+        self.prompt_lens.pop(rid, None)
 
 
 class _Seq:
@@ -554,6 +714,9 @@ class _Seq:
         self.slot = -1
         self.finish: dict[str, Any] | None = None
         self.t0 = time.perf_counter()
+        self.session: _Session | None = None  # set when the request continues a session
+        self.cached = 0  # context positions restored from the session's snapshot
+        self.snapshot: _KVSnapshot | None = None  # what to restore (cached > 0)
 
 
 @dataclasses.dataclass
@@ -687,8 +850,18 @@ class Engine:
         self._memory_released = False
         self._paused = False
         self.num_generated_tokens = 0
-        # Scheduling counters: tests and /get_server_info read them.
-        self.stats = {"prefill_batches": 0, "decode_steps": 0, "peak_running": 0}
+        self._sessions: dict[str, _Session] = {}
+        self._last_reap = time.monotonic()
+        # Scheduling counters: tests and /get_server_info read them. ``prefill_tokens``
+        # counts positions run by prefill forwards (padding excluded), ``cached_tokens``
+        # positions restored from session snapshots instead.
+        self.stats = {
+            "prefill_batches": 0,
+            "decode_steps": 0,
+            "peak_running": 0,
+            "prefill_tokens": 0,
+            "cached_tokens": 0,
+        }
 
     # -- model facts ----------------------------------------------------------------------------
 
@@ -776,11 +949,18 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-    def validate(self, req: Request) -> None:
-        """Raise ``RequestError`` (SGLang's wording) if the request cannot run."""
-        ids = req.input_ids
+    def validate(self, req: Request, context: Sequence[int] | None = None) -> None:
+        """Raise ``RequestError`` (SGLang's wording) if the request cannot run.
+
+        ``context``: a session request's whole token context (default: ``req.input_ids``).
+        """
+        ids = req.input_ids if context is None else context
         if len(ids) == 0:
-            raise RequestError("input_ids cannot be empty.")
+            raise RequestError(
+                "input_ids cannot be empty."
+                if req.session is None
+                else "A session request must contain input tokens after restoring history."
+            )
         if any((not isinstance(t, int)) or t < 0 or t >= self.vocab_size for t in ids):
             raise RequestError(
                 f"The input_ids {list(ids)} contains values greater than the vocab size "
@@ -826,8 +1006,20 @@ class Engine:
                 )
 
     def submit(self, req: Request) -> Future:
-        """Queue a request; the future resolves to its ``Output`` (or raises RequestError)."""
-        self.validate(req)
+        """Queue a request; the future resolves to its ``Output`` (or raises RequestError).
+
+        A session request is checked once the engine thread has assembled its context (the
+        turn it continues may still be finishing when it is submitted).
+        """
+        if req.session is None:
+            self.validate(req)
+        elif req.sampling.n != 1 or req.copy_index != 0:
+            raise RequestError("a session request generates one sequence: use n=1")
+        elif any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in req.input_ids):
+            raise RequestError(
+                f"The input_ids {list(req.input_ids)} contains values greater than the vocab "
+                f"size ({self.vocab_size}) or negative values."
+            )
         seed = req.sampling.sampling_seed
         gen = None
         if seed is not None:
@@ -861,6 +1053,154 @@ class Engine:
         if self._thread is None:  # not started: run inline (single-threaded use)
             self._drain()
         return future
+
+    # -- sessions (SGLang's /open_session, /close_session, session_params) --------------------
+
+    def open_session(
+        self,
+        session_id: str | None = None,
+        capacity_of_str_len: int = 0,
+        timeout: float | None = None,
+        streaming: bool | None = None,
+    ) -> str:
+        """Open a session and return its id (a fresh uuid hex when ``session_id`` is None).
+
+        Raises ``RequestError`` if the id is open already, if ``max_sessions`` are open, or
+        for ``streaming`` sessions (not implemented here: continue a request by its rid).
+        ``capacity_of_str_len`` is accepted for SGLang compatibility (SGLang ignores it too).
+        ``timeout``: idle seconds before the engine closes the session (default
+        ``EngineConfig.session_timeout_s``).
+        """
+        if streaming:
+            raise RequestError(
+                "streaming sessions are not supported by the embedded engine; open a plain "
+                "session and continue each turn with session_params.rid = the previous rid"
+            )
+        if timeout is not None and not (timeout > 0):
+            raise RequestError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        sid = session_id if session_id is not None else uuid.uuid4().hex
+        if not isinstance(sid, str) or not sid:
+            raise RequestError(f"session_id must be a non-empty string, got {sid!r}")
+
+        def run() -> str:
+            if sid in self._sessions:
+                raise RequestError(
+                    f"Failed to open the session. Check if a session with the same id is "
+                    f"still open: {sid!r}"
+                )
+            if len(self._sessions) >= self.config.max_sessions:
+                raise RequestError(
+                    f"cannot open session {sid!r}: {len(self._sessions)} sessions are open "
+                    f"(max_sessions={self.config.max_sessions}); close finished sessions with "
+                    "close_session or raise --max-sessions"
+                )
+            default = self.config.session_timeout_s
+            self._sessions[sid] = _Session(sid, timeout if timeout is not None else default)
+            return sid
+
+        return self.call(run).result()
+
+    def close_session(self, session_id: str) -> bool:
+        """Close a session and free what it holds; False if no such session was open.
+
+        A request of the session still running finishes normally (its KV cache is then
+        dropped instead of kept); later requests naming the session are refused.
+        """
+
+        def run() -> bool:
+            session = self._sessions.pop(session_id, None)
+            if session is None:
+                return False
+            session.closed = True
+            session.snapshot = None
+            return True
+
+        return self.call(run).result()
+
+    @property
+    def num_sessions(self) -> int:
+        return len(self._sessions)
+
+    def _reap_sessions(self) -> None:
+        now = time.monotonic()
+        if now - self._last_reap < 1.0:
+            return
+        self._last_reap = now
+        busy = {s.session.id for s in [*self._running, *self._waiting] if s.session is not None}
+        for sid, session in list(self._sessions.items()):
+            idle = now - session.last_active
+            if session.timeout is not None and idle > session.timeout and sid not in busy:
+                logger.info("session %s idle for %.0f s: closing it", sid, idle)
+                self._sessions.pop(sid)
+                session.closed = True
+                session.snapshot = None
+
+    def _resolve_session(self, seq: _Seq) -> None:
+        """Assemble a session request's context (SGLang's ``Session.create_req``), pick the
+        cached prefix it can reuse, and register it in the session; raise ``RequestError``."""
+        req, params = seq.req, seq.req.session
+        session = self._sessions.get(params.id)
+        if session is None:
+            raise RequestError(
+                f"Invalid request: session id {params.id} does not exist (open it with "
+                "/open_session; it may have been closed or timed out)"
+            )
+        if req.rid in session.tokens:
+            raise RequestError(
+                f"rid {req.rid!r} is already a request of session {params.id}; give every "
+                "turn its own rid"
+            )
+        parent = params.rid
+        if params.replace:
+            if parent is None:
+                for rid in list(session.children.get(None, [])):
+                    session.drop(rid)
+                session.children.pop(None, None)
+            elif parent in session.tokens:
+                for rid in session.children.pop(parent, []):
+                    session.drop(rid)
+        context = list(req.input_ids)
+        if parent is not None:
+            if parent not in session.tokens:
+                raise RequestError(
+                    f"Invalid request session id: rid {parent!r} is not a request of session "
+                    f"{params.id} (continue the rid of one of its earlier requests)"
+                )
+            earlier = session.tokens[parent]
+            if earlier is None:
+                raise RequestError(
+                    f"Session request is appending to a request that hasn't finished: "
+                    f"{parent!r}; wait for its response first"
+                )
+            bos = self.tokenizer.bos_token_id
+            new = context[1:] if context and bos is not None and context[0] == bos else context
+            start = earlier
+            if params.drop_previous_output:
+                start = earlier[: session.prompt_lens[parent]]
+            if params.offset:
+                start = start[: params.offset]
+            context = list(start) + new
+        self.validate(req, context)
+        seq.prompt = context
+        if req.sampling.max_new_tokens is None:
+            seq.limit = self.context_len - len(context) - 1
+        snap = session.snapshot
+        # Reuse the kept turn when its cached positions open this context, unless this
+        # request needs what a snapshot lacks (input log-probs or routes of those positions).
+        if (
+            snap is not None
+            and self.cache.allocated
+            and snap.length <= len(context) - 1
+            and context[: snap.length] == snap.tokens[: snap.length]
+            and not (req.return_logprob and 0 <= req.logprob_start_len < snap.length)
+            and not (req.return_routed_experts and snap.routes_TLk is None)
+        ):
+            seq.cached, seq.snapshot = snap.length, snap
+        seq.session = session
+        session.tokens[req.rid] = None
+        session.prompt_lens[req.rid] = len(context)
+        session.children.setdefault(parent, []).append(req.rid)
+        session.last_active = time.monotonic()
 
     @property
     def num_running(self) -> int:
@@ -1012,6 +1352,8 @@ class Engine:
                 return False, "cannot release memory while requests are running"
             self.cache.drop_buffers()
             self._state.drop_buffers()
+            for session in self._sessions.values():  # their next turns prefill again
+                session.snapshot = None
             if self.device.type != "cpu":
                 self.model.to("cpu")
                 torch.cuda.empty_cache()
@@ -1054,6 +1396,8 @@ class Engine:
             try:
                 idle = self._memory_released or self._paused
                 self._drain(block=idle or not (self._running or self._waiting))
+                if self._sessions:
+                    self._reap_sessions()
                 if self._memory_released or self._paused:
                     continue
                 if self._waiting and len(self._running) < self.cache.num_slots:
@@ -1082,7 +1426,14 @@ class Engine:
             block = False
             kind = cmd[0]
             if kind == "submit":
-                self._waiting.append(cmd[1])
+                seq = cmd[1]
+                if seq.req.session is not None:
+                    try:
+                        self._resolve_session(seq)
+                    except RequestError as exc:
+                        seq.future.set_exception(exc)
+                        continue
+                self._waiting.append(seq)
             elif kind == "abort":
                 self._abort_matching(cmd[1], cmd[2])
             elif kind == "call":
@@ -1199,39 +1550,104 @@ class Engine:
             routes=any(s.req.return_routed_experts for s in seqs),
         )
 
+    def _extend_plan(
+        self, batch: list[_Seq], row0: int, q_len: int
+    ) -> tuple[_StepPlan, torch.Tensor, Any]:
+        """Restore each session row's cached prefix into its slot, and plan a forward of the
+        remaining positions of every row (``start_b..len_b-1``; fresh rows start at 0)."""
+        device, window = self.device, self._ring_window
+        lens = [len(seq.prompt) for seq in batch]
+        starts = [seq.cached for seq in batch]
+        kv_len = max(lens)
+        self.cache.ensure_capacity(kv_len, self.context_len)
+        for b, seq in enumerate(batch):
+            if seq.cached:
+                self.cache.restore_row(row0 + b, seq.snapshot.layers)
+        new = [(b, q) for b in range(len(batch)) for q in range(lens[b] - starts[b])]
+        ext_b_N = torch.tensor([b for b, _ in new], device=device)
+        ext_q_N = torch.tensor([q for _, q in new], device=device)
+        start_B = torch.tensor(starts, device=device)
+        plan = _StepPlan(prefill=True, extend=True, row0=row0, kv_len=kv_len)
+        plan.ext_b_N, plan.ext_q_N = ext_b_N, ext_q_N
+        plan.ext_rows_N, plan.ext_pos_N = ext_b_N + row0, start_B[ext_b_N] + ext_q_N
+        if window is not None:
+            keep = [
+                (b, p - starts[b])
+                for b in range(len(batch))
+                for p in range(max(starts[b], lens[b] - window), lens[b])
+            ]
+            keep_b_N = torch.tensor([b for b, _ in keep], device=device)
+            keep_q_N = torch.tensor([q for _, q in keep], device=device)
+            plan.keep_b_N, plan.keep_q_N = keep_b_N, keep_q_N
+            plan.keep_rows_N = keep_b_N + row0
+            plan.keep_slot_N = (start_B[keep_b_N] + keep_q_N) % window
+        pos_BQ = start_B[:, None] + self._arange[:q_len][None]
+        return plan, pos_BQ, self._extend_masks(start_B, pos_BQ, kv_len)
+
+    def _extend_masks(self, start_B: torch.Tensor, pos_BQ: torch.Tensor, kv_len: int):
+        """Masks [B, 1, Q, K] of an extend forward: full layers see keys ``0..pos``; ring
+        layers see the ring's slots (slot s of a row with ``start`` cached positions holds
+        position ``start-1 - ((start-1-s) mod W)`` when that is >= 0) and this forward's keys,
+        within the window."""
+        per_dict, windows = self._mask_layout
+        masks = {}
+        query_BQ1 = pos_BQ[:, :, None]
+        for layer_type, window in windows.items():
+            if window is not None and window == self._ring_window:
+                last_B1 = start_B[:, None] - 1
+                ring_BW = last_B1 - torch.remainder(last_B1 - self._arange[:window][None], window)
+                keys_BK = torch.cat([ring_BW, pos_BQ], dim=1)
+                valid_BK = torch.cat([ring_BW >= 0, torch.ones_like(pos_BQ, dtype=torch.bool)], 1)
+                allowed_BQK = (
+                    valid_BK[:, None, :]
+                    & (keys_BK[:, None, :] <= query_BQ1)
+                    & (keys_BK[:, None, :] > query_BQ1 - window)
+                )
+            else:
+                allowed_BQK = self._arange[:kv_len][None, None, :] <= query_BQ1
+            masks[layer_type] = self._additive(allowed_BQK)[:, None]
+        return masks if per_dict else masks[""]
+
     def _prefill(self) -> None:
         batch: list[_Seq] = []
         longest = 0
         free = self.cache.num_slots - len(self._running)
         while self._waiting and len(batch) < free:
-            cand = len(self._waiting[0].prompt)
+            cand = len(self._waiting[0].prompt) - self._waiting[0].cached
             if batch and max(longest, cand) * (len(batch) + 1) > self.config.max_prefill_tokens:
                 break
             batch.append(self._waiting.popleft())
             longest = max(longest, cand)
         row0, n = len(self._running), len(batch)
         lens = [len(seq.prompt) for seq in batch]
+        starts = [seq.cached for seq in batch]  # positions restored from a session
         ids_BQ = torch.zeros((n, longest), dtype=torch.long)
         for b, seq in enumerate(batch):
-            ids_BQ[b, : lens[b]] = torch.tensor(seq.prompt)
+            ids_BQ[b, : lens[b] - starts[b]] = torch.tensor(seq.prompt[starts[b] :])
             seq.slot = row0 + b
         params = self._batch_params(batch)
-        plan = _StepPlan(prefill=True, row0=row0)
         window = self._ring_window
-        if window is not None:  # sliding layers keep the last `window` keys of each row
-            keep = [(b, q) for b in range(n) for q in range(max(0, lens[b] - window), lens[b])]
-            keep_b_N = torch.tensor([b for b, _ in keep], device=self.device)
-            keep_q_N = torch.tensor([q for _, q in keep], device=self.device)
-            plan.keep_b_N, plan.keep_q_N = keep_b_N, keep_q_N
-            plan.keep_rows_N, plan.keep_slot_N = keep_b_N + row0, keep_q_N % window
-        self.cache.ensure_capacity(longest, self.context_len)
-        pos_BQ = self._arange[:longest][None].expand(n, -1)
+        if any(starts):
+            plan, pos_BQ, masks = self._extend_plan(batch, row0, longest)
+        else:
+            plan = _StepPlan(prefill=True, row0=row0)
+            if window is not None:  # sliding layers keep the last `window` keys of each row
+                keep = [(b, q) for b in range(n) for q in range(max(0, lens[b] - window), lens[b])]
+                keep_b_N = torch.tensor([b for b, _ in keep], device=self.device)
+                keep_q_N = torch.tensor([q for _, q in keep], device=self.device)
+                plan.keep_b_N, plan.keep_q_N = keep_b_N, keep_q_N
+                plan.keep_rows_N, plan.keep_slot_N = keep_b_N + row0, keep_q_N % window
+            self.cache.ensure_capacity(longest, self.context_len)
+            pos_BQ = self._arange[:longest][None].expand(n, -1)
+            masks = self._prefill_masks(longest)
         hidden_BQH, routes_BQLk = self._run_model(
-            ids_BQ.to(self.device), pos_BQ, plan, self._prefill_masks(longest), params.routes
+            ids_BQ.to(self.device), pos_BQ, plan, masks, params.routes
         )
         self._running.extend(batch)
         self._params = None
         self.stats["prefill_batches"] += 1
+        self.stats["prefill_tokens"] += sum(lens) - sum(starts)
+        self.stats["cached_tokens"] += sum(starts)
         self.stats["peak_running"] = max(self.stats["peak_running"], len(self._running))
 
         # Logits only where needed: each row's last prompt position (to sample) plus the
@@ -1245,7 +1661,7 @@ class Engine:
             spans.append((len(picks), start))
             picks.extend((b, p) for p in range(start, lens[b]))
         b_idx = torch.tensor([b for b, _ in picks], device=self.device)
-        p_idx = torch.tensor([p for _, p in picks], device=self.device)
+        p_idx = torch.tensor([p - starts[b] for b, p in picks], device=self.device)
         logits_NV = self._logits(hidden_BQH[b_idx, p_idx])
 
         last_rows = []
@@ -1277,8 +1693,19 @@ class Engine:
         state.out_ST[rows, 0] = tokens_B
         state.lp_ST[rows, 0] = lp_B
         if routes_BQLk is not None:
-            state.ensure_routes(longest, self.context_len, self.num_layers, self.top_k_experts)
-            state.routes_STLk[rows, :longest] = routes_BQLk.to(self.device)
+            state.ensure_routes(max(lens), self.context_len, self.num_layers, self.top_k_experts)
+            if not any(starts):
+                state.routes_STLk[rows, :longest] = routes_BQLk.to(self.device)
+            for b, seq in enumerate(batch) if any(starts) else ():
+                # Restored positions keep the routes recorded when they first ran.
+                if seq.snapshot is not None and seq.snapshot.routes_TLk is not None:
+                    state.routes_STLk[row0 + b, : starts[b]] = seq.snapshot.routes_TLk
+                new = lens[b] - starts[b]
+                state.routes_STLk[row0 + b, starts[b] : lens[b]] = routes_BQLk[b, :new].to(
+                    self.device
+                )
+        for seq in batch:
+            seq.snapshot = None  # restored into the slot; the session keeps its own reference
 
         finished = False
         for seq in batch:
@@ -1436,10 +1863,29 @@ class Engine:
         if seq.req.return_routed_experts and state.routes_STLk is not None:
             ran = len(seq.prompt) + count - 1  # every token the model ran forward on
             seq.routes_TLk = state.routes_STLk[row, :ran].cpu().clone()
+        session = seq.session
+        if session is not None and not session.closed:
+            # Keep this turn's cache for the next one: positions 0..pos-1 ran forward (the
+            # last sampled token did not), with the routes they ran with when recorded.
+            length = int(state.pos_S[row])
+            routes = None
+            if seq.req.return_routed_experts and state.routes_STLk is not None:
+                routes = state.routes_STLk[row, :length].clone()
+            session.snapshot = _KVSnapshot(
+                tokens=seq.prompt + seq.out_ids,
+                length=length,
+                layers=self.cache.snapshot_row(row, length),
+                routes_TLk=routes,
+            )
 
     def _complete(self, seq: _Seq) -> None:
         if seq.future.done():
             return
+        if seq.session is not None:
+            session = seq.session
+            if seq.req.rid in session.tokens:  # not dropped by a replace meanwhile
+                session.tokens[seq.req.rid] = seq.prompt + seq.out_ids
+            session.last_active = time.monotonic()
         try:
             seq.future.set_result(self._build_output(seq))
         except Exception as exc:
@@ -1465,6 +1911,7 @@ class Engine:
             finish_reason=finish,
             weight_version=self.weight_version,
             e2e_latency=time.perf_counter() - seq.t0,
+            cached_tokens=seq.cached,
         )
         if req.return_logprob:
             if seq.in_lp is None:  # aborted before prefill

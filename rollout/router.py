@@ -100,9 +100,20 @@ class EngineRouter:
     async def generate(self, request: GenerateRequest) -> GenerateOutput:
         """Generate on the least-loaded reachable server (or through the front balancer)."""
         request = request if request.rid else request.with_rid()
+        if request.session_params is not None:  # sticky: the session's server holds its turns
+            return await self._pool.generate(request, request_cost(request))
         if self._front is not None:
             return await self._front.generate(request)
         return await self._pool.run(request_cost(request), lambda c: c.generate(request))
+
+    async def open_session(
+        self, session_id: str | None = None, timeout_s: float | None = None
+    ) -> str:
+        """Open a multi-turn session on the least-loaded server; all its turns go there."""
+        return await self._pool.open_session(session_id, timeout_s)
+
+    async def close_session(self, session_id: str) -> None:
+        await self._pool.close_session(session_id)
 
     async def generate_many(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
         """Generate for several requests concurrently; outputs in request order."""

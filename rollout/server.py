@@ -20,6 +20,15 @@ response shapes and error bodies follow SGLang's ``srt/entrypoints/http_server.p
     num_hidden_layers, num_experts_per_tok]``, dense layers 0). A single prompt with ``n == 1``
     answers a dict, anything else a list (prompt-major: the ``n`` samples of prompt 0 first).
     Parallel samples get rids ``{rid}_{j}``; aborting ``rid`` aborts them all (prefix match).
+``/open_session`` (``{"capacity_of_str_len", "session_id", "timeout"}``; answers the id as a
+    JSON string) and ``/close_session`` (``{"session_id"}``): multi-turn sessions as SGLang's
+    ``Session``. A ``/generate`` with ``session_params`` ``{"id", "rid", "offset", "replace",
+    "drop_previous_output"}`` (one prompt, n=1) runs the earlier request ``rid``'s prompt and
+    output plus the new ``input_ids``; the engine reuses the keys/values and routes of the
+    session's last finished turn, so only the new positions are prefilled (``cached_tokens``
+    says how many were reused). ``prompt_tokens``, input log-prob positions and the
+    ``routed_experts`` rows count the whole context, ``output_ids`` are this turn's. An unknown
+    or closed session, or a rid the session does not hold, answers 400 with SGLang's message.
 ``/update_weights_from_disk``, ``/update_weights_from_tensor``, ``/update_weight_version``,
 ``/flush_cache``, ``/abort_request``, ``/health``, ``/health_generate``, ``/get_model_info``,
 ``/get_weight_version``, ``/get_server_info``, ``/release_memory_occupation``,
@@ -70,7 +79,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from mopd.inference.protocol import encode_routed_experts
-from rollout.engine import Engine, EngineConfig, Output, RequestError, SamplingParams
+from rollout.engine import (
+    Engine,
+    EngineConfig,
+    Output,
+    RequestError,
+    SamplingParams,
+    SessionParams,
+)
 from rollout.engine import Request as EngineRequest
 
 __all__ = ["build_app", "main", "output_to_sglang", "parse_args"]
@@ -106,6 +122,18 @@ class GenerateReqInput(_Body):
     return_routed_experts: bool = False
     routed_experts_start_len: int = 0
     lora_path: Any = None
+    session_params: dict[str, Any] | None = None
+
+
+class OpenSessionReqInput(_Body):
+    capacity_of_str_len: int = 0
+    session_id: str | None = None
+    streaming: bool | None = None
+    timeout: float | None = None
+
+
+class CloseSessionReqInput(_Body):
+    session_id: str
 
 
 class UpdateWeightFromDiskReqInput(_Body):
@@ -175,6 +203,9 @@ def normalize(obj: GenerateReqInput, engine: Engine) -> tuple[bool, list[EngineR
         raise RequestError("return_hidden_states is not supported by the embedded engine")
     if obj.text is None and obj.input_ids is None:
         raise RequestError("Either text, input_ids or input_embeds should be provided.")
+    session = None
+    if obj.session_params is not None:
+        session = SessionParams.from_dict(obj.session_params)
     if obj.text is not None and obj.input_ids is not None:
         raise RequestError("Provide either text or input_ids, not both.")
     if obj.text is not None:
@@ -183,9 +214,9 @@ def normalize(obj: GenerateReqInput, engine: Engine) -> tuple[bool, list[EngineR
         prompts = [engine.tokenizer.encode(t) for t in texts]
     else:
         ids = obj.input_ids
-        if len(ids) == 0:
+        if len(ids) == 0 and session is None:
             raise RequestError("input_ids cannot be empty.")
-        is_single = not isinstance(ids[0], list)
+        is_single = len(ids) == 0 or not isinstance(ids[0], list)
         prompts = [list(ids)] if is_single else [list(p) for p in ids]
     num = len(prompts)
     if num == 0:
@@ -193,6 +224,8 @@ def normalize(obj: GenerateReqInput, engine: Engine) -> tuple[bool, list[EngineR
     raw_params = _per_item(obj.sampling_params, num, "sampling_params", {})
     params = [SamplingParams.from_dict(p) for p in raw_params]
     n = params[0].n
+    if session is not None and (num != 1 or n != 1):
+        raise RequestError("session_params takes one prompt and n=1 (one turn per request)")
     if any(p.n != n for p in params):
         raise RequestError(
             "The parallel_sample_num should be the same for all samples in sample params."
@@ -224,6 +257,7 @@ def normalize(obj: GenerateReqInput, engine: Engine) -> tuple[bool, list[EngineR
                     return_routed_experts=obj.return_routed_experts,
                     routed_experts_start_len=obj.routed_experts_start_len,
                     copy_index=j,
+                    session=session,
                 )
             )
     return is_single and n == 1, requests
@@ -244,7 +278,7 @@ def output_to_sglang(out: Output, req: EngineRequest, tokenizer, with_text: bool
         "prompt_tokens": out.prompt_tokens,
         "weight_version": out.weight_version,
         "completion_tokens": len(out.output_ids),
-        "cached_tokens": 0,
+        "cached_tokens": out.cached_tokens,
         "e2e_latency": out.e2e_latency,
     }
     if req.return_logprob:
@@ -400,6 +434,22 @@ def build_app(engine: Engine, server_args: dict[str, Any] | None = None) -> Fast
         # Already plain JSON types: a JSONResponse skips FastAPI's jsonable_encoder walk over
         # every log-prob entry (about 0.1 ms per plain result, 0.5 ms with log-probs).
         return JSONResponse(results[0] if is_single else results)
+
+    # Blocking engine calls: plain handlers, which FastAPI runs on its thread pool.
+    @app.api_route("/open_session", methods=["GET", "POST"])
+    def open_session(obj: OpenSessionReqInput):
+        try:
+            sid = engine.open_session(
+                obj.session_id, obj.capacity_of_str_len, obj.timeout, obj.streaming
+            )
+        except RequestError as exc:
+            return _error(str(exc))
+        return JSONResponse(sid)
+
+    @app.api_route("/close_session", methods=["GET", "POST"])
+    def close_session(obj: CloseSessionReqInput) -> Response:
+        engine.close_session(obj.session_id)
+        return Response(status_code=200)
 
     @app.get("/health")
     async def health() -> Response:

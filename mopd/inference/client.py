@@ -21,10 +21,12 @@ not async (driver code, sync Ray actors).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import threading
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, overload
 
@@ -363,6 +365,89 @@ class EngineClient:
         task = asyncio.get_running_loop().create_task(abort_quietly())
         self._pending_aborts.add(task)
         task.add_done_callback(self._pending_aborts.discard)
+
+    # -- sessions (multi-turn prefix reuse) -----------------------------------------------------
+
+    async def open_session(
+        self,
+        session_id: str | None = None,
+        *,
+        timeout_s: float | None = None,
+        capacity_of_str_len: int = 0,
+    ) -> str:
+        """Open a session on this server (SGLang's ``/open_session``); returns its id.
+
+        A session keeps each finished turn on the server, so the next turn sends only its new
+        tokens (``GenerateRequest.session_params``) and the server reuses the earlier turns:
+        their tokens exactly as sent and generated, their KV cache, and the routed experts
+        recorded when they ran. All turns of a session must go to the server that opened it
+        (``EnginePool`` does that). ``timeout_s``: the server closes the session after this
+        much idle time (default: the server's). Close it with ``close_session``.
+
+        A multi-turn loop (the rid of each answer is the turn the next one continues)::
+
+            sid = await client.open_session()
+            try:
+                parent, new_ids = None, prompt_ids
+                for _ in range(max_turns):
+                    out = await client.generate(GenerateRequest(
+                        input_ids=tuple(new_ids),
+                        sampling_params=SamplingParams(max_new_tokens=256, temperature=1.0),
+                        return_logprob=True,
+                        return_routed_experts=True,  # rows for the whole context so far
+                        session_params=SessionParams(id=sid, rid=parent),
+                    ))
+                    parent = out.rid
+                    observation = run_tools(out.output_ids)  # token ids, tokenized once
+                    if observation is None:
+                        break
+                    new_ids = observation
+            finally:
+                await client.close_session(sid)
+
+        Raises:
+            EngineError: the server refused (the id is open already, too many sessions).
+        """
+        body: dict[str, Any] = {
+            "capacity_of_str_len": int(capacity_of_str_len),
+            "session_id": session_id or uuid.uuid4().hex,
+        }
+        if timeout_s is not None:
+            body["timeout"] = float(timeout_s)
+        payload = await self._call(
+            "POST",
+            "/open_session",
+            json=body,
+            idempotent=False,
+            timeout_s=self.config.info_timeout_s,
+        )
+        if not isinstance(payload, str) or not payload:
+            raise EngineError(self.name, "/open_session", f"not a session id: {payload!r:.200}")
+        return payload
+
+    async def close_session(self, session_id: str) -> None:
+        """Close a session and free what the server keeps for it (unknown ids are a no-op,
+        as in SGLang)."""
+        await self._call(
+            "POST",
+            "/close_session",
+            json={"session_id": session_id},
+            idempotent=True,
+            timeout_s=self.config.info_timeout_s,
+            expect_json=False,
+        )
+
+    @contextlib.asynccontextmanager
+    async def session(self, timeout_s: float | None = None) -> AsyncIterator[str]:
+        """``async with client.session() as sid:`` opens a session and always closes it."""
+        sid = await self.open_session(timeout_s=timeout_s)
+        try:
+            yield sid
+        finally:
+            try:
+                await self.close_session(sid)
+            except EngineError as exc:  # the server idles it out anyway
+                log.warning("%s: closing session %s failed: %s", self.name, sid, exc)
 
     # -- weights and memory --------------------------------------------------------------------
 

@@ -5,6 +5,11 @@ to the reachable server with the least outstanding work, counted in tokens (prom
 generation budget: an upper bound on the KV and decode work still ahead) or in requests. A
 server that cannot be reached (``EngineUnavailable``) is set aside for a cool-down and the call
 moves to the next one; when none is left the last errors are raised together.
+
+Sessions are sticky: ``open_session`` opens one on the least-loaded server and every request
+naming it (``GenerateRequest.session_params.id``) goes to that server, which alone holds its
+earlier turns; if that server fails, the session's requests fail (no failover: another server
+has no history to continue).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 from mopd.inference.client import ClientConfig, EngineClient, EngineUnavailable
+from mopd.inference.protocol import GenerateOutput, GenerateRequest
 
 __all__ = ["EnginePool", "ServerLoad"]
 
@@ -68,6 +74,7 @@ class EnginePool:
             EngineClient(u, client_config, routed_experts_shape, name=f"{name} @ {u}") for u in urls
         ]
         self._loads = [ServerLoad(c.base_url) for c in self.clients]
+        self._sessions: dict[str, int] = {}  # open session id -> the server holding it
 
     def loads(self) -> list[ServerLoad]:
         """A snapshot of every server's outstanding requests and tokens (for metrics)."""
@@ -80,9 +87,17 @@ class EnginePool:
         ]
         if not candidates:
             return None
+        # Ties go to the server holding fewer open sessions (their later turns will land there).
+        held = [0] * len(self._loads)
+        for index in self._sessions.values():
+            held[index] += 1
         if self.balance == "tokens":
-            return min(candidates, key=lambda i: (self._loads[i].tokens, self._loads[i].requests))
-        return min(candidates, key=lambda i: (self._loads[i].requests, self._loads[i].tokens))
+            return min(
+                candidates, key=lambda i: (self._loads[i].tokens, self._loads[i].requests, held[i])
+            )
+        return min(
+            candidates, key=lambda i: (self._loads[i].requests, self._loads[i].tokens, held[i])
+        )
 
     async def run(self, cost: int, call: Callable[[EngineClient], Awaitable[T]]) -> T:
         """Run ``call`` on the least-loaded reachable server, failing over to the others.
@@ -111,6 +126,66 @@ class EnginePool:
             return result
         down = "every server is cooling down after failures" if not errors else "; ".join(errors)
         raise EngineUnavailable(self.name, "", f"no server could take the call: {down}")
+
+    async def generate(self, request: GenerateRequest, cost: int | None = None) -> GenerateOutput:
+        """Generate on the least-loaded server, or on its session's server (sticky).
+
+        ``cost``: outstanding work to account (default: prompt tokens + ``max_new_tokens``).
+        """
+        if cost is None:
+            prompt = request.input_ids if request.input_ids is not None else request.text or ""
+            cost = len(prompt) + request.sampling_params.max_new_tokens
+        if request.session_params is None:
+            return await self.run(cost, lambda c: c.generate(request))
+        sid = request.session_params.id
+        if sid not in self._sessions:
+            raise ValueError(
+                f"{self.name}: session {sid!r} was not opened through this pool; open it with "
+                "EnginePool.open_session so its turns go to one server"
+            )
+        return await self._on(self._sessions[sid], cost, lambda c: c.generate(request))
+
+    async def open_session(
+        self, session_id: str | None = None, timeout_s: float | None = None
+    ) -> str:
+        """Open a session on the least-loaded reachable server; its turns will go there."""
+        holder: list[int] = []
+
+        async def call(client: EngineClient) -> str:
+            sid = await client.open_session(session_id, timeout_s=timeout_s)
+            holder.append(self.clients.index(client))
+            return sid
+
+        sid = await self.run(0, call)
+        self._sessions[sid] = holder[-1]
+        return sid
+
+    async def close_session(self, session_id: str) -> None:
+        """Close a session on its server (a no-op for an unknown id)."""
+        index = self._sessions.pop(session_id, None)
+        if index is not None:
+            await self.clients[index].close_session(session_id)
+
+    def session_server(self, session_id: str) -> str | None:
+        """The URL of the server holding an open session (None if unknown)."""
+        index = self._sessions.get(session_id)
+        return None if index is None else self.clients[index].base_url
+
+    async def _on(self, i: int, cost: int, call: Callable[[EngineClient], Awaitable[T]]) -> T:
+        load = self._loads[i]
+        load.requests += 1
+        load.tokens += cost
+        try:
+            result = await call(self.clients[i])
+        except EngineUnavailable:
+            load.failures += 1
+            load.down_until = time.monotonic() + self.unhealthy_cooldown_s
+            raise
+        finally:
+            load.requests -= 1
+            load.tokens -= cost
+        load.served += 1
+        return result
 
     async def broadcast(
         self, call: Callable[[EngineClient], Awaitable[T]]

@@ -58,6 +58,7 @@ __all__ = [
     "ProtocolError",
     "SamplingParams",
     "ScoreOutput",
+    "SessionParams",
     "UpdateWeightVersion",
     "UpdateWeightsFromDisk",
     "UpdateWeightsFromDistributed",
@@ -250,11 +251,47 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class SessionParams:
+    """``GenerateReqInput.session_params`` (io_struct.py ``SessionParams``): continue a turn.
+
+    A session is opened with ``EngineClient.open_session`` and holds its requests on the
+    server. With ``rid`` = an earlier (finished) request of session ``id``, the server runs
+    that request's prompt + its output tokens + this request's ``input_ids`` (a leading BOS
+    of ``input_ids`` is dropped), reusing what it cached of the earlier part. ``rid`` None
+    starts a fresh branch. ``offset`` cuts the earlier context to its first ``offset`` tokens
+    before appending; ``drop_previous_output`` appends to the earlier prompt only; ``replace``
+    discards the requests that had continued ``rid``. The response then counts the whole
+    context: ``prompt_tokens``, input log-prob positions and ``routed_experts`` rows (from
+    ``routed_experts_start_len``, default 0: the whole sequence) all start at the session's
+    first token, while ``output_ids`` / ``output_token_logprobs`` are this turn's tokens only.
+    """
+
+    id: str
+    rid: str | None = None
+    offset: int | None = None
+    replace: bool | None = None
+    drop_previous_output: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id:
+            raise ProtocolError(f"SessionParams.id must be a session id string, got {self.id!r}")
+        if self.offset is not None and self.offset < 0:
+            raise ProtocolError(f"SessionParams.offset must be >= 0, got {self.offset}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``session_params`` JSON object (unset fields omitted)."""
+        return _json_fields(self)
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     """One ``POST /generate`` request (srt/managers/io_struct.py ``GenerateReqInput``).
 
     Exactly one of ``input_ids`` / ``text``. ``rid`` is the handle for ``/abort_request``; the
     client fills a fresh one when unset. Streaming is not used: one response per request.
+    ``session_params`` continues an earlier request of a session (see ``SessionParams``);
+    ``input_ids`` are then only the new tokens (may be empty when ``rid`` is set), and
+    ``logprob_start_len`` / ``routed_experts_start_len`` count from the session's first token.
     """
 
     input_ids: tuple[int, ...] | None = None
@@ -268,13 +305,15 @@ class GenerateRequest:
     return_text_in_logprobs: bool = False
     return_routed_experts: bool = False
     routed_experts_start_len: int = 0
+    session_params: SessionParams | None = None
 
     def __post_init__(self) -> None:
         if (self.input_ids is None) == (self.text is None):
             raise ProtocolError("a GenerateRequest needs exactly one of input_ids or text")
+        continues = self.session_params is not None and self.session_params.rid is not None
         if self.input_ids is not None:
             ids = _int_tuple("input_ids", self.input_ids)
-            if not ids:
+            if not ids and not continues:
                 raise ProtocolError("input_ids is empty: SGLang needs at least one prompt token")
             object.__setattr__(self, "input_ids", ids)
         if self.token_ids_logprob is not None:
@@ -292,7 +331,10 @@ class GenerateRequest:
             )
         if self.top_logprobs_num < 0:
             raise ProtocolError(f"top_logprobs_num must be >= 0, got {self.top_logprobs_num}")
-        prompt_len = len(self.input_ids) if self.input_ids is not None else None
+        # A session request's positions count from the session's first token (unknown here).
+        prompt_len = None
+        if self.input_ids is not None and self.session_params is None:
+            prompt_len = len(self.input_ids)
         if self.logprob_start_len is not None and self.logprob_start_len < -1:
             raise ProtocolError(f"logprob_start_len must be >= -1, got {self.logprob_start_len}")
         if prompt_len is not None and (self.logprob_start_len or 0) > prompt_len:
@@ -335,6 +377,8 @@ class GenerateRequest:
             body["return_routed_experts"] = True
             if self.routed_experts_start_len:
                 body["routed_experts_start_len"] = self.routed_experts_start_len
+        if self.session_params is not None:
+            body["session_params"] = self.session_params.to_json()
         return body
 
 
@@ -681,7 +725,8 @@ def parse_generate_output(
     aborted = finish is not None and finish.type == "abort"
     prompt_tokens = int(meta.get("prompt_tokens", 0))
     completion_tokens = int(meta.get("completion_tokens", len(output_ids)))
-    if request.input_ids is not None and prompt_tokens != len(request.input_ids):
+    in_session = request.session_params is not None  # prompt_tokens counts the whole context
+    if request.input_ids is not None and not in_session and prompt_tokens != len(request.input_ids):
         raise ProtocolError(
             f"rid={rid}: server reports {prompt_tokens} prompt tokens, request sent "
             f"{len(request.input_ids)}"
@@ -730,7 +775,11 @@ def parse_generate_output(
                     f"rid={rid}: {len(in_lp)} input_token_logprobs, expected prompt_tokens - "
                     f"logprob_start_len = {prompt_tokens} - {start} = {expected}"
                 )
-            if request.input_ids is not None and in_ids.tolist() != list(request.input_ids[start:]):
+            if (
+                request.input_ids is not None
+                and not in_session
+                and in_ids.tolist() != list(request.input_ids[start:])
+            ):
                 raise ProtocolError(f"rid={rid}: input_token_logprobs are for other token ids")
             parsed["input_logprobs"], parsed["input_token_ids"] = in_lp, in_ids
             if k:

@@ -203,6 +203,17 @@ GENERATE_RESPONSE_FIELDS = frozenset(
     }
 )
 
+# srt/managers/io_struct.py SessionParams: GenerateReqInput.session_params.
+SESSION_PARAMS_FIELDS = frozenset(
+    {
+        "drop_previous_output",
+        "id",
+        "offset",
+        "replace",
+        "rid",
+    }
+)
+
 # JSON body fields per admin route (srt/managers/io_struct.py, BaseReq fields included).
 ROUTE_BODY_FIELDS = {
     "/update_weights_from_disk": frozenset(
@@ -322,6 +333,23 @@ ROUTE_BODY_FIELDS = {
             "name",
             "rid",
             "truncate_size",
+        }
+    ),
+    "/open_session": frozenset(
+        {
+            "capacity_of_str_len",
+            "http_worker_ipc",
+            "rid",
+            "session_id",
+            "streaming",
+            "timeout",
+        }
+    ),
+    "/close_session": frozenset(
+        {
+            "http_worker_ipc",
+            "rid",
+            "session_id",
         }
     ),
 }

@@ -32,6 +32,8 @@ _ROUTE_BODIES = {
     "/pause_generation": "PauseGenerationReqInput",
     "/continue_generation": "ContinueGenerationReqInput",
     "/get_weights_by_name": "GetWeightsByNameReqInput",
+    "/open_session": "OpenSessionReqInput",
+    "/close_session": "CloseSessionReqInput",
 }
 
 
@@ -196,6 +198,9 @@ def main(root: Path) -> str:
         + _set([*_fields(api["GenerateMetaInfo"]), "routed_experts", "num_retractions"]),
         "",
         f"GENERATE_RESPONSE_FIELDS = {_set(_fields(api['GenerateResponse']))}",
+        "",
+        "# srt/managers/io_struct.py SessionParams: GenerateReqInput.session_params.",
+        f"SESSION_PARAMS_FIELDS = {_set(_fields(io['SessionParams']))}",
         "",
         "# JSON body fields per admin route (srt/managers/io_struct.py, BaseReq fields included).",
         "ROUTE_BODY_FIELDS = {",

@@ -30,6 +30,7 @@ from mopd.inference.sglang_schema import (
     GENERATE_REQ_INPUT_FIELDS,
     ROUTE_BODY_FIELDS,
     SAMPLING_PARAMS_FIELDS,
+    SESSION_PARAMS_FIELDS,
 )
 
 VOCAB = 50
@@ -55,6 +56,7 @@ class StandinState:
     aborted: set[str] = field(default_factory=set)
     running: set[str] = field(default_factory=set)
     max_running: int = 0  # most /generate requests in flight at once
+    sessions: set[str] = field(default_factory=set)  # open session ids
 
     def fail_next(self, route: str, times: int, status: int = 503) -> None:
         self.fail.setdefault(route, []).extend([status] * times)
@@ -105,6 +107,11 @@ def build_app(state: StandinState) -> FastAPI:
         error = _schema_error(body, GENERATE_REQ_INPUT_FIELDS, "GenerateReqInput") or (
             _schema_error(body.get("sampling_params") or {}, SAMPLING_PARAMS_FIELDS, "sampling")
         )
+        session = body.get("session_params")
+        if session is not None and not error:
+            error = _schema_error(session, SESSION_PARAMS_FIELDS, "session_params")
+            if not error and session.get("id") not in state.sessions:
+                error = f"Invalid request: session id {session.get('id')} does not exist"
         if error:
             return JSONResponse({"error": {"message": error}}, status_code=400)
         rid = body.get("rid") or "anon"
@@ -125,7 +132,7 @@ def build_app(state: StandinState) -> FastAPI:
                     break
                 if state.delay_s:
                     await asyncio.sleep(state.delay_s)
-                output.append(((output or prompt)[-1] + 1) % VOCAB)
+                output.append(((output or prompt or [0])[-1] + 1) % VOCAB)
         finally:
             state.running.discard(rid)
         seq = prompt + output
@@ -181,6 +188,29 @@ def build_app(state: StandinState) -> FastAPI:
         if error:
             return JSONResponse({"error": {"message": error}}, status_code=400)
         state.aborted.add(body.get("rid", ""))
+        return Response(status_code=200)
+
+    @app.api_route("/open_session", methods=["GET", "POST"])
+    async def open_session(request: Request) -> Any:
+        body = await request.json()
+        state.calls.append(("/open_session", body))
+        error = _schema_error(body, ROUTE_BODY_FIELDS["/open_session"], "/open_session")
+        sid = body.get("session_id") or f"s{len(state.sessions)}"
+        if not error and sid in state.sessions:
+            error = "Failed to open the session. Check if a session with the same id is still open."
+        if error:
+            return JSONResponse({"error": {"message": error}}, status_code=400)
+        state.sessions.add(sid)
+        return JSONResponse(sid)
+
+    @app.api_route("/close_session", methods=["GET", "POST"])
+    async def close_session(request: Request) -> Any:
+        body = await request.json()
+        state.calls.append(("/close_session", body))
+        error = _schema_error(body, ROUTE_BODY_FIELDS["/close_session"], "/close_session")
+        if error:
+            return JSONResponse({"error": {"message": error}}, status_code=400)
+        state.sessions.discard(body["session_id"])
         return Response(status_code=200)
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])

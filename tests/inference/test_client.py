@@ -16,7 +16,7 @@ from mopd.inference.client import (
     SyncEngineClient,
     WeightUpdateError,
 )
-from mopd.inference.protocol import GenerateRequest, SamplingParams
+from mopd.inference.protocol import GenerateRequest, SamplingParams, SessionParams
 from tests.inference.sglang_standin import (
     NUM_LAYERS,
     TOP_K,
@@ -239,6 +239,45 @@ def test_admin_calls(standin):
     assert busy is False and info["version"] == "standin"
     assert state.bodies("/release_memory_occupation") == [{"tags": ["kv_cache"]}]
     assert state.bodies("/abort_request") == [{"abort_all": True}]
+
+
+def test_sessions_open_generate_close_in_sglang_fields(standin):
+    url, state = standin
+
+    async def go():
+        async with EngineClient(url, FAST) as client:
+            sid = await client.open_session("conv-1", timeout_s=30)
+            with pytest.raises(EngineError, match="same id is still open"):
+                await client.open_session("conv-1")
+            first = await client.generate(
+                GenerateRequest(input_ids=[3, 4], session_params=SessionParams(id=sid))
+            )
+            second = await client.generate(
+                GenerateRequest(
+                    input_ids=[],  # a continued turn may add no tokens
+                    sampling_params=SamplingParams(max_new_tokens=2),
+                    session_params=SessionParams(id=sid, rid=first.rid, offset=1, replace=True),
+                )
+            )
+            async with client.session() as other:
+                opened = set(state.sessions)
+            await client.close_session(sid)
+            with pytest.raises(EngineError, match="does not exist"):
+                await client.generate(
+                    GenerateRequest(input_ids=[1], session_params=SessionParams(id=sid))
+                )
+            return sid, second, other, opened
+
+    sid, second, other, opened = run(go())
+    assert sid == "conv-1" and opened == {"conv-1", other} and state.sessions == set()
+    opens = state.bodies("/open_session")
+    assert opens[0] == {"capacity_of_str_len": 0, "session_id": "conv-1", "timeout": 30.0}
+    assert len(opens[2]["session_id"]) == 32  # the client names sessions itself (uuid4 hex)
+    assert state.bodies("/close_session") == [{"session_id": other}, {"session_id": "conv-1"}]
+    sent = state.bodies("/generate")[1]["session_params"]
+    assert sent == {"id": "conv-1", "rid": state.bodies("/generate")[0]["rid"], "offset": 1,
+                    "replace": True}  # fmt: skip
+    assert len(second.output_ids) == 2
 
 
 def test_wait_until_healthy_times_out():

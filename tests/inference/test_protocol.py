@@ -17,6 +17,7 @@ from mopd.inference.sglang_schema import (
     META_INFO_FIELDS,
     ROUTE_BODY_FIELDS,
     SAMPLING_PARAMS_FIELDS,
+    SESSION_PARAMS_FIELDS,
     SGLANG_VERSION,
 )
 
@@ -73,7 +74,8 @@ def test_every_sampling_param_field_is_in_sglang_schema():
 
 
 def test_every_generate_field_is_in_sglang_schema():
-    body = FULL_REQUEST.to_json()
+    session = P.SessionParams(id="s", rid="r")
+    body = dataclasses.replace(FULL_REQUEST, session_params=session).to_json()
     assert set(body) <= GENERATE_REQ_INPUT_FIELDS, set(body) - GENERATE_REQ_INPUT_FIELDS
     emitted = set(body) | {"text"}
     assert emitted == {f.name for f in dataclasses.fields(P.GenerateRequest)}
@@ -131,12 +133,33 @@ def test_client_routes_exist_in_sglang():
         "/resume_memory_occupation": "POST",
         "/pause_generation": "POST",
         "/continue_generation": "POST",
+        "/open_session": "POST",
+        "/close_session": "POST",
     }
     for route, method in used.items():
         assert method in HTTP_ROUTES[route], route
     assert {"mode"} <= ROUTE_BODY_FIELDS["/pause_generation"]
     assert {"tags"} <= ROUTE_BODY_FIELDS["/release_memory_occupation"]
     assert {"rid", "abort_all"} <= ROUTE_BODY_FIELDS["/abort_request"]
+    assert {"capacity_of_str_len", "session_id", "timeout"} <= ROUTE_BODY_FIELDS["/open_session"]
+    assert {"session_id"} <= ROUTE_BODY_FIELDS["/close_session"]
+
+
+def test_session_params_are_sglang_fields():
+    full = P.SessionParams(id="s", rid="r", offset=3, replace=True, drop_previous_output=False)
+    body = P.GenerateRequest(input_ids=(), session_params=full).to_json()
+    assert "session_params" in GENERATE_REQ_INPUT_FIELDS
+    assert set(body["session_params"]) == {f.name for f in dataclasses.fields(full)}
+    assert set(body["session_params"]) <= SESSION_PARAMS_FIELDS
+    assert P.SessionParams(id="s").to_json() == {"id": "s"}
+    # positions of a session request count from the session's first token: not bounded here
+    P.GenerateRequest(input_ids=(5,), return_logprob=True, logprob_start_len=9, session_params=full)
+    with pytest.raises(P.ProtocolError, match="empty"):
+        P.GenerateRequest(input_ids=(), session_params=P.SessionParams(id="s"))
+    with pytest.raises(P.ProtocolError, match="offset"):
+        P.SessionParams(id="s", offset=-1)
+    with pytest.raises(P.ProtocolError, match="session id"):
+        P.SessionParams(id="")
 
 
 @pytest.mark.parametrize(
