@@ -241,8 +241,9 @@ class Sandbox:
     """One isolated working directory; see the module docstring for what isolation means.
 
     ``files_from`` (a directory) is copied into the working directory; None starts empty.
-    ``base_dir`` holds the sandbox's files (working directory, root skeleton); by default a
-    new temporary directory, removed by ``close``. Not thread-safe: one call at a time.
+    The sandbox's files (working directory, root skeleton, fstab) live in a new directory
+    under ``base_dir`` (default ``$TMPDIR``), removed by ``close``. Not thread-safe: one call
+    at a time per sandbox (different sandboxes may run concurrently).
     """
 
     def __init__(
@@ -250,21 +251,25 @@ class Sandbox:
         files_from: Path | None = None,
         limits: SandboxLimits = SandboxLimits(),
         base_dir: Path | None = None,
+        *,
+        _tools_checked: dict[str, str] | None = None,
     ) -> None:
         self.limits = limits
-        self._tools = check_isolation()
+        self._closed = True  # until the uid is held: close() has nothing to undo
+        # _tools_checked: only the isolation probe itself passes it (it cannot call itself)
+        self._tools = check_isolation() if _tools_checked is None else _tools_checked
         self._closed = False
-        self._uid = _acquire_uid()
-        self._own_base = base_dir is None
-        parent = Path(base_dir) if base_dir is not None else Path(tempfile.gettempdir())
-        parent.mkdir(parents=True, exist_ok=True)
-        self._base = Path(tempfile.mkdtemp(prefix=f"mopd-sandbox-{self.uid}-", dir=parent))
-        self.workdir = self._base / "workspace"
-        self._root = self._base / "root"
-        self._fstab = self._base / "fstab"
+        self._setup_broken = False
         self._cgroups: dict[str, Path] = {}
         self._disk_over = False
+        self._uid = _acquire_uid()
         try:
+            parent = Path(base_dir) if base_dir is not None else Path(tempfile.gettempdir())
+            parent.mkdir(parents=True, exist_ok=True)
+            self._base = Path(tempfile.mkdtemp(prefix=f"mopd-sandbox-{self.uid}-", dir=parent))
+            self.workdir = self._base / "workspace"
+            self._root = self._base / "root"
+            self._fstab = self._base / "fstab"
             self.workdir.mkdir(mode=0o755)
             os.chown(self.workdir, self.uid, self.uid)
             self._build_root()
@@ -630,7 +635,7 @@ class Sandbox:
     def healthy(self) -> bool:
         """True if the sandbox can take a call: open, its isolation set up on the last call,
         its working directory within the disk limit, and a trivial command runs."""
-        if self._closed or getattr(self, "_setup_broken", False) or self._disk_over:
+        if self._closed or self._setup_broken or self._disk_over:
             return False
         try:
             result = self.run("echo ok", timeout_s=min(10.0, self.limits.wall_seconds))
@@ -643,8 +648,10 @@ class Sandbox:
         if self._closed:
             return
         self._closed = True
+        if not hasattr(self, "_uid"):
+            return
         _kill_uid(self.uid)
-        for cg in getattr(self, "_cgroups", {}).values():
+        for cg in self._cgroups.values():
             with contextlib.suppress(OSError):
                 cg.rmdir()
         if getattr(self, "_base", None) is not None and self._base.exists():
@@ -700,58 +707,37 @@ def _probe(tools: tuple[tuple[str, str], ...]) -> None:
     for ns in ("mnt", "pid", "net", "ipc", "uts"):
         if not os.path.exists(f"/proc/self/ns/{ns}"):
             raise SandboxUnavailable(f"the kernel lacks {ns} namespaces (no /proc/self/ns/{ns})")
-    sandbox = Sandbox.__new__(Sandbox)
-    sandbox.limits = SandboxLimits(wall_seconds=20.0, cpu_seconds=10.0)
-    sandbox._tools = _tools()
-    sandbox._closed = True  # close() below is a no-op until fully built
-    uid = _acquire_uid()
-    base = Path(tempfile.mkdtemp(prefix="mopd-sandbox-probe-"))
-    try:
-        sandbox._uid, sandbox._base = uid, base
-        sandbox.workdir, sandbox._root, sandbox._fstab = (
-            base / "workspace",
-            base / "root",
-            base / "fstab",
-        )
-        sandbox._cgroups, sandbox._disk_over, sandbox._setup_broken = {}, False, False
-        sandbox.workdir.mkdir()
-        os.chown(sandbox.workdir, uid.uid, uid.uid)
-        sandbox._build_root()
-        sandbox._closed = False
+    limits = SandboxLimits(wall_seconds=20.0, cpu_seconds=10.0)
+    with Sandbox(None, limits, _tools_checked=_tools()) as sandbox:
         try:
-            result = sandbox.run(f"HOST_BASE={shlex.quote(str(base))}\n{_PROBE}")
+            result = sandbox.run(f"HOST_BASE={shlex.quote(str(sandbox._base))}\n{_PROBE}")
         except SandboxUnavailable as exc:
             raise SandboxUnavailable(
                 f"{exc}. The kernel or container refused a mount or namespace; run as root with "
                 "CAP_SYS_ADMIN and a seccomp/AppArmor profile that allows unshare and mount "
                 "(see docs/security.md)"
             ) from None
-        facts = dict(line.split("=", 1) for line in result.output.splitlines() if "=" in line)
-        problems = []
-        if result.exit_code != 0 or facts.get("workdir") != "rw":
-            problems.append(
-                f"the probe command failed (exit {result.exit_code}): {result.output.strip()!r}"
-            )
-        if facts.get("uid") != str(uid.uid):
-            problems.append(
-                f"commands run as uid {facts.get('uid')}, not the sandbox uid {uid.uid}"
-            )
-        if facts.get("ifaces", "").strip(",") not in ("lo", ""):
-            problems.append(f"the network namespace has interfaces {facts.get('ifaces')}")
-        if "visible" in facts or "writable" in facts:
-            problems.append(f"host paths leak into the sandbox: {facts}")
-        if problems:
-            raise SandboxUnavailable(
-                "sandbox isolation probe failed: "
-                + "; ".join(problems)
-                + ". Check that unshare, mount and setpriv are util-linux's and that the kernel "
-                "allows mount/pid/net namespaces (see docs/security.md)"
-            )
-    finally:
-        sandbox._closed = True
-        _kill_uid(uid.uid)
-        shutil.rmtree(base, ignore_errors=True)
-        os.close(uid.lock_fd)
+    facts = dict(line.split("=", 1) for line in result.output.splitlines() if "=" in line)
+    problems = []
+    if result.exit_code != 0 or facts.get("workdir") != "rw":
+        problems.append(
+            f"the probe command failed (exit {result.exit_code}): {result.output.strip()!r}"
+        )
+    if facts.get("uid") != str(sandbox.uid):
+        problems.append(
+            f"commands run as uid {facts.get('uid')}, not the sandbox uid {sandbox.uid}"
+        )
+    if facts.get("ifaces", "").strip(",") not in ("lo", ""):
+        problems.append(f"the network namespace has interfaces {facts.get('ifaces')}")
+    if "visible" in facts or "writable" in facts:
+        problems.append(f"host paths leak into the sandbox: {facts}")
+    if problems:
+        raise SandboxUnavailable(
+            "sandbox isolation probe failed: "
+            + "; ".join(problems)
+            + ". Check that unshare, mount and setpriv are util-linux's and that the kernel "
+            "allows mount/pid/net namespaces (see docs/security.md)"
+        )
 
 
 def check_isolation() -> dict[str, str]:

@@ -88,6 +88,19 @@ def test_runs_commands_in_the_copied_workdir_as_an_unprivileged_uid(sandbox, tas
 
 
 @needs_root
+def test_no_privileges_inside(sandbox):
+    result = sandbox.run(
+        "grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status; unshare --user --map-root-user "
+        "true; mount -t tmpfs none /tmp; ps -e --no-headers | wc -l"
+    )
+    lines = result.output.splitlines()
+    assert lines[:3] == ["CapEff:\t0000000000000000", "CapBnd:\t0000000000000000", "NoNewPrivs:\t1"]
+    assert result.output.count("Operation not permitted") == 1  # no nested user namespace
+    assert "must be superuser to use mount" in result.output
+    assert int(lines[-1]) <= 3  # bash, ps, wc: the root init is hidden, the host's are absent
+
+
+@needs_root
 def test_python_unittest_runs_inside(sandbox):
     failing = sandbox.run("python3 -m unittest -q test_calc")
     assert failing.exit_code == 1 and "AssertionError: -1 != 5" in failing.output
