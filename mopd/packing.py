@@ -6,8 +6,10 @@ number of MicroBatches, each a flat row of whole sequences packed back to back (
 Per sequence (prompt P tokens + response T tokens, S = P + T):
 
     tokens_S       = concat(prompt, response)
-    loss_mask_S    = [False] * P + [True] * T     (the response tokens the policy generated)
-    logp_*_S       = [0] * P + logp_*_T           (position i scores tokens_S[i] given tokens < i)
+    loss_mask_S    = [False] * P + loss_mask_T    (the response tokens the policy generated:
+                                                  all of them, or 0 on tool-observation tokens)
+    logp_*_S       = [0] * P + logp_*_T           (position i scores tokens_S[i] given tokens < i;
+                                                  0 where the loss mask is off)
     versions_S     = [-1] * P + versions_T
     routes_SLk     = routes_(S-1)Lk + its last row repeated: the engine never ran the last
                      sampled token forward, so it has no routing of its own; repeating the
@@ -75,11 +77,14 @@ def sequence_length(sample: ScoredSample) -> int:
 def _layout(scored: ScoredSample, routes_dtype: np.dtype | None) -> _Seq:
     s = scored.sample
     prompt_P = s.prompt.input_ids_P
-    P, T = prompt_P.shape[0], s.response_ids_T.shape[0]
+    P = prompt_P.shape[0]
     zeros_P = np.zeros(P, dtype=FLOAT)
+    generated_T = s.generated_mask_T
     teacher_S = None
     if scored.logp_teacher_T is not None:
-        teacher_S = np.concatenate([zeros_P, scored.logp_teacher_T])
+        teacher_S = np.concatenate(
+            [zeros_P, np.where(generated_T, scored.logp_teacher_T, FLOAT(0))]
+        )
     routes_SLk = None
     if s.routes_SLk is not None and routes_dtype is not None:
         r = s.routes_SLk.astype(routes_dtype, copy=False)
@@ -88,8 +93,8 @@ def _layout(scored: ScoredSample, routes_dtype: np.dtype | None) -> _Seq:
         routes_SLk = np.concatenate([r, last], axis=0)
     return _Seq(
         tokens_S=np.concatenate([prompt_P, s.response_ids_T]).astype(INT_TOKENS, copy=False),
-        loss_mask_S=np.concatenate([np.zeros(P, dtype=bool), np.ones(T, dtype=bool)]),
-        logp_rollout_S=np.concatenate([zeros_P, s.logp_rollout_T]),
+        loss_mask_S=np.concatenate([np.zeros(P, dtype=bool), generated_T]),
+        logp_rollout_S=np.concatenate([zeros_P, np.where(generated_T, s.logp_rollout_T, FLOAT(0))]),
         logp_teacher_S=teacher_S,
         versions_S=np.concatenate([np.full(P, -1, dtype=np.int32), s.versions_T]),
         routes_SLk=routes_SLk,

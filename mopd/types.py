@@ -76,6 +76,16 @@ class RolloutSample:
     ``routes_SLk`` covers every token the engine ran forward on (prompt and response
     except the last sampled token, which was never fed back: S - 1 rows), MoE layers only,
     uint8 when the model has <= 256 experts per layer else uint16.
+
+    Multi-turn (agentic) samples. ``response_ids_T`` is everything after the prompt, in the
+    order the server saw it, token ids exactly as generated and as sent (never re-tokenised):
+    turn 1's output, observation 1's tokens, turn 2's output, ... . ``loss_mask_T`` is 1 on
+    generated tokens and 0 on observation (tool output) tokens, which are then never trained
+    on; ``logp_rollout_T`` holds the engine's log-probs of generated tokens and 0 on
+    observation tokens; ``versions_T`` gives observation tokens the version of the token
+    before them. ``routes_SLk`` still has S - 1 rows: the routes of every position the
+    server ran (observation tokens included), as the last turn's ``routed_experts`` of a
+    session returns them (rows of earlier turns as recorded when they ran).
     """
 
     sample_id: str
@@ -94,6 +104,12 @@ class RolloutSample:
     """uint8/uint16 [P + T - 1, L, k] experts chosen per MoE layer, or None for dense models."""
     text: str = ""
     """Detokenised response."""
+    loss_mask_T: np.ndarray | None = None
+    """uint8 [T]: 1 on tokens the policy generated (trained on), 0 on tool-observation tokens;
+    None means every response token is generated (single-turn)."""
+    reward: float | None = None
+    """Outcome reward already computed by an agentic environment when the trajectory ended;
+    None: the reward worker scores the sample."""
 
     def __post_init__(self) -> None:
         ids = _as(self.response_ids_T, INT_TOKENS, "response_ids_T", 1)
@@ -105,6 +121,25 @@ class RolloutSample:
         object.__setattr__(self, "response_ids_T", ids)
         object.__setattr__(self, "logp_rollout_T", logp)
         object.__setattr__(self, "versions_T", ver)
+        if self.loss_mask_T is not None:
+            raw = np.asarray(self.loss_mask_T)
+            _check(
+                raw.dtype == bool or raw.dtype.kind in "iu",
+                f"loss_mask_T must be bool or 0/1 integers, got {raw.dtype}",
+            )
+            _check(
+                raw.ndim == 1 and raw.shape[0] == t, f"loss_mask_T must be [T={t}], got {raw.shape}"
+            )
+            _check(bool(np.isin(raw, (0, 1)).all()), "loss_mask_T must hold only 0 and 1")
+            object.__setattr__(self, "loss_mask_T", np.ascontiguousarray(raw, dtype=np.uint8))
+        if self.reward is not None:
+            _check(
+                isinstance(self.reward, (int, float, np.floating, np.integer))
+                and not isinstance(self.reward, bool)
+                and np.isfinite(self.reward),
+                f"reward must be a finite number or None, got {self.reward!r}",
+            )
+            object.__setattr__(self, "reward", float(self.reward))
         if self.routes_SLk is not None:
             r = np.ascontiguousarray(self.routes_SLk)
             _check(r.ndim == 3, f"routes_SLk must be [S-1, L, k], got shape {r.shape}")
@@ -122,6 +157,12 @@ class RolloutSample:
     def num_tokens(self) -> int:
         """Prompt plus response tokens."""
         return int(self.prompt.input_ids_P.shape[0] + self.response_ids_T.shape[0])
+
+    @property
+    def generated_mask_T(self) -> np.ndarray:
+        """bool [T]: True on tokens the policy generated (``loss_mask_T``, or all of them)."""
+        t = self.response_ids_T.shape[0]
+        return np.ones(t, dtype=bool) if self.loss_mask_T is None else self.loss_mask_T.astype(bool)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,25 @@ def test_fields_align_to_the_token_they_score():
     np.testing.assert_array_equal(mb.routes_NLk[:, 0, 0], [0, 1, 2, 3, 3, 0, 1, 2, 3, 3])
 
 
+def test_loss_mask_excludes_tool_observation_tokens():
+    import dataclasses
+
+    plain = _scored(1, 3, 5)
+    # Response: 2 generated, 2 observation tokens, 1 generated (a two-turn trajectory).
+    sample = dataclasses.replace(plain.sample, loss_mask_T=[1, 1, 0, 0, 1])
+    multi = dataclasses.replace(plain, sample=sample)
+    mb = build_micro_batch([multi, _scored(2, 2, 2)])
+    np.testing.assert_array_equal(mb.loss_mask_N, [0, 0, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1])
+    # log-probs are 0 where the mask is off (the engine's numbers for observations mean nothing)
+    np.testing.assert_allclose(
+        mb.logp_rollout_N, [0, 0, 0, -0.1, -0.2, 0, 0, -0.5, 0, 0, -0.1, -0.2], rtol=1e-6
+    )
+    np.testing.assert_allclose(mb.logp_teacher_N[:8], [0, 0, 0, -1, -2, 0, 0, -5])
+    # tokens and routes are untouched: observations stay in the sequence as context
+    np.testing.assert_array_equal(mb.tokens_N[:8], [101, 102, 103, 150, 151, 152, 153, 154])
+    assert mb.routes_NLk.shape[0] == 12
+
+
 def test_optional_fields_absent_stay_absent():
     mb = build_micro_batch([_scored(1, 2, 2, routes=False, teacher=False)])
     assert mb.routes_NLk is None and mb.logp_teacher_N is None

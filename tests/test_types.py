@@ -95,3 +95,23 @@ def test_micro_batch_checks_packing():
         MicroBatch(np.arange(n), [0, 3, 7], np.zeros(n), np.zeros(n), [1.0])
     with pytest.raises(ValueError, match="strictly increasing"):
         MicroBatch(np.arange(n), [0, 3, 3, 7], np.zeros(n), np.zeros(n), [1.0, 1.0, 1.0])
+
+
+def test_multi_turn_fields_loss_mask_and_reward():
+    base = _sample(t=5)
+    s = dataclasses.replace(base, loss_mask_T=[True, True, False, False, True], reward=1)
+    assert s.loss_mask_T.dtype == np.uint8 and s.loss_mask_T.tolist() == [1, 1, 0, 0, 1]
+    assert s.generated_mask_T.tolist() == [True, True, False, False, True]
+    assert s.reward == 1.0 and isinstance(s.reward, float)
+    assert base.loss_mask_T is None and base.reward is None
+    assert base.generated_mask_T.tolist() == [True] * 5  # None: every token generated
+    with pytest.raises(ValueError, match="loss_mask_T must be \\[T=5\\]"):
+        dataclasses.replace(base, loss_mask_T=[1, 0, 1])
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        dataclasses.replace(base, loss_mask_T=[1, 2, 1, 1, 1])
+    with pytest.raises(ValueError, match="bool or 0/1 integers"):
+        dataclasses.replace(base, loss_mask_T=np.ones(5) * 0.5)
+    with pytest.raises(ValueError, match="finite number"):
+        dataclasses.replace(base, reward=float("nan"))
+    with pytest.raises(ValueError, match="finite number"):
+        dataclasses.replace(base, reward="1")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgpack
 import numpy as np
 import pytest
@@ -53,6 +55,19 @@ def test_round_trip_is_exact_and_compact(experts: int):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_array_equal(a, b)
     assert back.sample.routes_SLk.dtype == (np.uint8 if experts <= 256 else np.uint16)
+
+
+def test_multi_turn_fields_round_trip():
+    s = scored(t=6)
+    multi = dataclasses.replace(
+        s, sample=dataclasses.replace(s.sample, loss_mask_T=[1, 1, 0, 0, 1, 1], reward=0.5)
+    )
+    back = decode(encode(multi))
+    assert back.sample.loss_mask_T.dtype == np.uint8
+    np.testing.assert_array_equal(back.sample.loss_mask_T, [1, 1, 0, 0, 1, 1])
+    assert back.sample.reward == 0.5
+    plain = decode(encode(s))  # single-turn records keep None
+    assert plain.sample.loss_mask_T is None and plain.sample.reward is None
 
 
 def test_payload_holds_raw_arrays_not_number_lists():
