@@ -38,7 +38,8 @@ their cached length. Restored positions keep the routes recorded when they first
 routes an earlier turn returned are the rows a later turn returns for the same positions.
 Memory: one snapshot per session (the latest finished turn), ``max_sessions`` sessions, closed
 by ``close_session`` or after ``session_timeout_s`` idle; ``release_memory`` drops snapshots
-(later turns prefill everything again). A turn that needs what a snapshot lacks (input
+(later turns prefill everything again). A weight update keeps them, as it keeps the keys and
+values of requests in flight: the next turn continues on the cache its earlier turns built. A turn that needs what a snapshot lacks (input
 log-probs or routes of cached positions), or branches off an older turn, is prefilled whole.
 
 Per-step state stays on tensors: each slot's last token, position, generated tokens,
