@@ -383,14 +383,22 @@ class Toolbox:
         return Observation(text=result, is_error=True, finished=False, answer=None)
 
     async def run_check(
-        self, lease: str, command: str, timeout_s: float | None = None
+        self,
+        lease: str,
+        command: str,
+        timeout_s: float | None = None,
+        files: Mapping[str, str] | None = None,
     ) -> ExecResult:
         """Run the environment's own command (e.g. the task's test command) in the lease's
-        sandbox under the ``"check"`` quota. Raises ``RuntimeError`` naming the reason when
-        it could not run (refused, overran, sandbox broken)."""
+        sandbox under the ``"check"`` quota, after writing ``files`` (relative path -> text)
+        into its working directory (the task's tests, restored as shipped). Raises
+        ``RuntimeError`` naming the reason when it could not run (refused, overran, sandbox
+        broken)."""
         gates = self._started()
         held = self._lease(lease)
-        result = await self._gated(gates[CHECK], held, held.sandbox.run, command, timeout_s)
+        result = await self._gated(
+            gates[CHECK], held, _restore_and_run, held.sandbox, command, timeout_s, files or {}
+        )
         if isinstance(result, str):
             raise RuntimeError(f"check command did not run: {result}")
         return result
@@ -512,6 +520,14 @@ class Toolbox:
                 sandbox.close()
         self._calls.shutdown(wait=False, cancel_futures=True)
         self._upkeep.shutdown(wait=False, cancel_futures=True)
+
+
+def _restore_and_run(
+    sandbox: Sandbox, command: str, timeout_s: float | None, files: Mapping[str, str]
+) -> ExecResult:
+    for rel, text in files.items():
+        sandbox.write_text(rel, text)
+    return sandbox.run(command, timeout_s)
 
 
 def _spec_name(spec: Mapping[str, Any]) -> str:
