@@ -24,7 +24,8 @@ loop, so what it counts it counts across every caller:
   thread pool with one thread per slot of every quota, so the loop keeps admitting and
   counting while calls run. A call's concurrency slot is held until its thread returns,
   even when the caller stopped waiting (``call_timeout_s``): the limit counts processes
-  that really run, not awaits.
+  that really run, not awaits. Calls in one sandbox run one at a time (a later one waits
+  for an overrunning one, which the sandbox's wall limit ends).
 - **health**: a sandbox whose call failed, or that fails ``Sandbox.healthy()`` (a trivial
   command in it), is closed and replaced by a new one when its lease is released; idle
   sandboxes are checked every ``health_interval_s``. ``stats()["pool"]["replaced"]`` counts
@@ -248,7 +249,10 @@ class _Lease:
     sandbox: Sandbox
     since: float
     suspect: bool = False  # a call failed or overran: check health at release
-    busy: int = 0  # threads still running a call in this sandbox
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # no call runs in it now
+
+    def __post_init__(self) -> None:
+        self.idle.set()
 
 
 class Toolbox:
@@ -355,8 +359,7 @@ class Toolbox:
         if held is None:
             return
         sandbox = held.sandbox
-        while held.busy:  # a call that overran is still running in it
-            await asyncio.sleep(0.05)
+        await held.idle.wait()  # a call that overran still runs in it (until its wall limit)
         if held.suspect or not await self._healthy(sandbox):
             sandbox = await self._replace(sandbox)
         self._idle.put_nowait(sandbox)
@@ -406,28 +409,29 @@ class Toolbox:
     async def _gated(self, gate: _Gate, held: _Lease, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` in the call pool under ``gate``; a str (the reason) when refused or
         failed, else what ``fn`` returned."""
-        if held.busy:  # one call at a time per sandbox (a Sandbox is not thread-safe)
-            return (
-                f"tool '{gate.key}' refused: the previous call in this sandbox is still "
-                "running (it overran its time); wait for it to end"
-            )
+        timeout = self.config.call_timeout_s
+        if timeout is None:
+            timeout = self.config.limits.wall_seconds + 10.0
+        # One call at a time per sandbox (a Sandbox is not thread-safe): a call whose caller
+        # stopped waiting still runs until the sandbox's wall limit ends it.
+        try:
+            await asyncio.wait_for(held.idle.wait(), timeout)
+        except TimeoutError:
+            return f"tool '{gate.key}' could not start: the sandbox's previous call still runs"
         refused = await gate.admit()
         if refused is not None:
             return (
                 f"tool '{gate.key}' refused: quota exhausted ({gate.describe()}): {refused}. "
                 "Try again later with fewer calls."
             )
-        held.busy += 1
+        held.idle.clear()
 
         def done(_: Any) -> None:  # the slot is held until the thread really returns
-            held.busy -= 1
+            held.idle.set()
             gate.leave()
 
         future = asyncio.get_running_loop().run_in_executor(self._calls, fn, *args)
         future.add_done_callback(done)
-        timeout = self.config.call_timeout_s
-        if timeout is None:
-            timeout = self.config.limits.wall_seconds + 10.0
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
