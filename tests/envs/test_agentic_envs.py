@@ -24,6 +24,7 @@ from envs.agentic import (
     load_tasks,
     task_records,
 )
+from envs.registry import get_reward
 from envs.sandbox import SandboxLimits
 from envs.toolbox import Toolbox, ToolboxConfig
 from envs.tools import ToolCall
@@ -162,3 +163,10 @@ def test_malformed_tasks_fail_at_load_naming_the_file(tmp_path):
         load_tasks("chess", tmp_path)
     with pytest.raises(KeyError, match="known: binary_search_bounds"):
         CodeRepairEnv().task("nope")
+
+
+def test_the_agentic_reward_name_exists_but_never_scores():
+    # A config's agentic source passes reward-name validation; scoring one of its samples in
+    # the reward worker is a wiring error (the ToolManager already set the reward).
+    with pytest.raises(ValueError, match=r"ToolManager sets RolloutSample\.reward"):
+        get_reward("agentic")("response", None, {})
