@@ -6,12 +6,15 @@ Step anatomy (``Trainer`` protocol, trainer/base.py)::
                                         -> loss from mopd.algo's registry -> weighted backward
     optim_step()                        clip grad norm, AdamW step, LR schedule, version += 1
 
-Packing. A MicroBatch is a flat row of whole sequences. It runs as one batch-of-one forward
-with ``position_ids`` restarting at 0 for every sequence and no attention mask: transformers
-(>= 5) then detects the packed layout from the position ids and builds a block-diagonal
-causal mask (sliding-window layers included) for every attention implementation, eager
-(MiMo-V2-Flash needs it for its sink logits) as well as sdpa/flash. No padding is computed.
-Tests check the per-token log-probs against an unpacked per-sequence forward (1e-5).
+Layout. A MicroBatch is a flat row of whole sequences. With a varlen attention kernel
+(``flash_attention_*``) it runs as that row: a batch of one with ``position_ids`` restarting
+at 0 for every sequence and no attention mask, from which transformers (>= 5) builds the
+block-diagonal causal mask; no padding is computed. Every other implementation (eager, which
+MiMo-V2-Flash needs for its sink logits, and sdpa) would compute the whole N x N score matrix
+of that row, mostly masked: there the sequences run as a right-padded [B, T] batch with an
+attention mask (cost B x T^2 instead of N^2), and logits and replayed routes are mapped
+between the two layouts by one index. Tests check the per-token log-probs of both layouts
+against an unpacked per-sequence forward (1e-5).
 
 Log-probs and loss. Position i of the row scores ``tokens_N[i]`` from the logits at i - 1
 (``mopd.algo.selective_log_softmax``), computed only at loss positions. They are scattered
@@ -57,6 +60,7 @@ import json
 import logging
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +132,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One micro-batch as the model runs it: keyword inputs, the routes and agreement rows in
+    the same token order, and (padded layout) the index of each real token in the flat batch."""
+
+    inputs: dict[str, torch.Tensor]
+    routes: torch.Tensor | None
+    agree: torch.Tensor
+    gather_N: torch.Tensor | None
 
 
 class TorchTrainer:
@@ -245,15 +260,42 @@ class TorchTrainer:
 
     # ------------------------------------------------------------------ forward
 
-    def _forward_logits(self, batch: PackedBatch) -> torch.Tensor:
-        """[N, V] logits: the packed row as a batch of one, positions restarting per sequence."""
+    @property
+    def packed(self) -> bool:
+        """Whether micro-batches run as one packed row (varlen attention) or padded [B, T]."""
+        impl = getattr(self._hf_model.config, "_attn_implementation", None) or ""
+        return impl.startswith("flash_attention")
+
+    def _forward_logits(self, run: _Run) -> torch.Tensor:
+        """[N, V] logits of the micro-batch's real tokens, in packed order."""
         with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self._autocast):
-            out = self._hf_model(
-                input_ids=batch.tokens_N[None],
-                position_ids=batch.positions_N[None],
-                use_cache=False,
-            )
-        return out.logits[0]
+            out = self._hf_model(**run.inputs, use_cache=False)
+        logits = out.logits
+        return logits[0] if run.gather_N is None else logits.flatten(0, 1)[run.gather_N]
+
+    def _layout(self, b: PackedBatch) -> _Run:
+        """The model inputs of ``b`` and its routes / agreement rows in the same layout."""
+        routes = self._routes_for(b)
+        if self.packed:
+            inputs = {"input_ids": b.tokens_N[None], "position_ids": b.positions_N[None]}
+            return _Run(inputs, routes, b.agree_N, None)
+        n = b.num_tokens
+        lengths = (b.cu_B1[1:] - b.cu_B1[:-1]).long()
+        B, T = int(lengths.numel()), int(lengths.max())
+        seq_N = torch.repeat_interleave(torch.arange(B, device=self.device), lengths)
+        flat_N = seq_N * T + b.positions_N  # where each real token sits in the [B, T] batch
+        ids = b.tokens_N.new_zeros(B * T).index_copy(0, flat_N, b.tokens_N[:n])
+        attn = torch.zeros(B * T, dtype=torch.long, device=self.device).index_fill(0, flat_N, 1)
+        agree = torch.zeros(B * T, dtype=torch.bool, device=self.device)
+        agree = agree.index_copy(0, flat_N, b.agree_N[:n])
+        if routes is not None:
+            # Padding rows get distinct ids like any top-k choice; they are never measured.
+            k = routes.shape[2]
+            fill = torch.arange(k, dtype=routes.dtype, device=routes.device)
+            padded = fill.expand(B * T, routes.shape[1], k).clone()
+            routes = padded.index_copy(0, flat_N, routes[:n])
+        inputs = {"input_ids": ids.view(B, T), "attention_mask": attn.view(B, T)}
+        return _Run(inputs, routes, agree, flat_N)
 
     def _routes_for(self, batch: PackedBatch) -> torch.Tensor | None:
         missing = batch.routes_NLk is None and self.r3.is_moe and self.trainer_cfg.routing_replay
@@ -272,8 +314,9 @@ class TorchTrainer:
         out = []
         for mb in micro_batches:
             batch = self._to_batch(mb)
-            with self.r3.bind(self._routes_for(batch), batch.agree_N):
-                logits_NV = self._forward_logits(batch)
+            run = self._layout(batch)
+            with self.r3.bind(run.routes, run.agree):
+                logits_NV = self._forward_logits(run)
             out.append(sequence_logprobs(logits_NV, batch))
         return out
 
@@ -306,9 +349,10 @@ class TorchTrainer:
             b = self._to_batch(mb)
             if self._world > 1:
                 self._hf_model.set_requires_gradient_sync(i == last)
-            with self.r3.bind(self._routes_for(b), b.agree_N):
+            run = self._layout(b)
+            with self.r3.bind(run.routes, run.agree):
                 with self.r3.measuring():
-                    logits_NV = self._forward_logits(b)
+                    logits_NV = self._forward_logits(run)
                 logits_MV, logp_BT = loss_logprobs(logits_NV, b)
                 loss, lm = self._loss(logp_BT, b)
                 # FSDP2 averages gradients over ranks; the weights are shares of the global count.

@@ -18,13 +18,21 @@ from trainer.base import Trainer
 from trainer.optim import build_optimizer, lr_at
 
 
+@pytest.mark.parametrize("layout", ["packed", "padded"])
 @pytest.mark.parametrize("arch", ["mimo_v2_flash", "qwen3_moe", "llama"])
-def test_packed_logprobs_equal_unpacked_forward(tiny_models, make_trainer, arch):
+def test_packed_logprobs_equal_unpacked_forward(
+    tiny_models, make_trainer, arch, layout, monkeypatch
+):
     hf = load_hf(tiny_models[arch])
     samples = make_samples(hf, 5, seed=1, prompt_len=(2, 12), response_len=(2, 14))
     # The sliding window (8 in the tiny MiMo) must be exercised inside a packed row.
     assert max(s.sample.num_tokens for s in samples) > 10
     trainer = make_trainer(tiny_models[arch], routing_replay=False)
+    # CPU attention is eager/sdpa, so the trainer pads; the packed row (what it runs with a
+    # varlen flash kernel on GPU) must give the same log-probs through the block mask.
+    assert not trainer.packed
+    if layout == "packed":
+        monkeypatch.setattr(type(trainer), "packed", property(lambda self: True))
     (packed,) = trainer.compute_logprobs([build_micro_batch(samples)])
     offset = 0
     for s in samples:
@@ -54,7 +62,8 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_models, make_trainer, a
     assert len(mbs) == 3
     m_three = three.forward_backward(mbs)
     assert max_diff(g_one, grads(three.model)) < 1e-6
-    assert m_three["loss"] == pytest.approx(m_one["loss"], abs=1e-6)
+    # Padded batches of different shapes sum in a different order: fp32 rounding only.
+    assert m_three["loss"] == pytest.approx(m_one["loss"], rel=2e-6)
     for key in ("num_tokens", "num_samples", "tokens"):
         assert m_three[key] == m_one[key]
     for key in ("masked_fraction", "teacher_log_ratio", "entropy", "train_rollout_k3"):
