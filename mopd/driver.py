@@ -165,6 +165,7 @@ class Driver:
         self.rollout_stats: dict[str, list[float]] = defaultdict(list)
         self.main_started = False
         self.rollout_generation = 0  # bumped each time the rollout servers are replaced
+        self.served_version = 0  # weights version the rollout servers hold
         self._reserved_requests = 0  # request slots held by groups in flight
         self._recovered_ids: set[str] = set()  # pending at the last restart (see _clamp_versions)
         self._request_done = asyncio.Event()
@@ -598,6 +599,7 @@ class Driver:
                 await self.rollout.aclose()
             self.rollout = self._start_rollout(self.cfg.rollout, self.student_path, None)
             self.rollout_generation += 1
+            self.served_version = 0
             if self.version > 0:
                 await self.sync_weights()
             self.write_processes()
@@ -752,6 +754,7 @@ class Driver:
             return
         if not result.success:
             raise RunError(f"rollout servers refused weights v{self.version}: {result.message}")
+        self.served_version = self.version
         for old in sorted(self.paths.weights.glob("v*"))[:-2]:  # keep the last two versions
             shutil.rmtree(old, ignore_errors=True)
         self.phase_s["sync"] += time.perf_counter() - t0
@@ -789,6 +792,8 @@ class Driver:
         prompts = self.scheduler.eval_prompts()
         if not prompts:
             return {}
+        if self.served_version != self.version:
+            await self.sync_weights()
         outs = await asyncio.gather(*(self._eval_generate(p) for p in prompts))
         samples = [
             self._to_sample(p, f"{p.prompt_id}/eval", o, self.version)
@@ -903,7 +908,9 @@ class Driver:
                 # Every request in flight now started under the old weights: abort them; their
                 # groups are handed out again (run_group requeues aborted groups).
                 await self.rollout.router.abort_all()
-            await self.sync_weights()
+            if cfg.algorithm.loss != "sft":
+                await self.sync_weights()
+            # SFT samples nothing between evaluations: ``evaluate`` syncs when it needs to.
         except ray.exceptions.RayActorError as e:
             raise _TrainerDied(str(e).splitlines()[0]) from e
         self.scheduler.on_weight_update(self.version)
