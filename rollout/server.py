@@ -94,6 +94,8 @@ __all__ = ["build_app", "main", "output_to_sglang", "parse_args"]
 logger = logging.getLogger("rollout.server")
 
 VERSION = "embedded-0.1 (SGLang 0.5.23 HTTP API)"
+KEEP_ALIVE_S = 60
+"""Seconds an idle client connection stays open (uvicorn's default is 5)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -659,7 +661,15 @@ def main(argv: list[str] | None = None) -> None:
     server_args["device"] = device
     server_args["served_model_name"] = args.served_model_name or args.model_path
     app = build_app(engine, server_args)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    # Idle keep-alive connections live longer than the clients keep them (ClientConfig.
+    # keepalive_expiry_s), so the client, never the server, closes an idle connection.
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )
 
 
 if __name__ == "__main__":

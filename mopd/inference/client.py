@@ -98,13 +98,23 @@ class ClientConfig:
     """Largest back-off delay."""
     max_connections: int = 512
     """Connection-pool size (concurrent requests to this server)."""
+    keepalive_expiry_s: float = 2.0
+    """Idle pooled connections are closed after this long. Keep it below the server's
+    keep-alive timeout (uvicorn's default, 5 s): a connection the server closes at the moment
+    the client reuses it fails with an empty ReadError after the request was sent."""
     api_key: str | None = None
     """Sent as ``Authorization: Bearer`` (SGLang's --api-key); never logged."""
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        for name in ("connect_timeout_s", "request_timeout_s", "admin_timeout_s", "info_timeout_s"):
+        for name in (
+            "connect_timeout_s",
+            "request_timeout_s",
+            "admin_timeout_s",
+            "info_timeout_s",
+            "keepalive_expiry_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -194,7 +204,9 @@ class EngineClient:
             headers=headers,
             timeout=httpx.Timeout(cfg.request_timeout_s, connect=cfg.connect_timeout_s),
             limits=httpx.Limits(
-                max_connections=cfg.max_connections, max_keepalive_connections=cfg.max_connections
+                max_connections=cfg.max_connections,
+                max_keepalive_connections=cfg.max_connections,
+                keepalive_expiry=cfg.keepalive_expiry_s,
             ),
         )
         self._pending_aborts: set[asyncio.Task[None]] = set()
