@@ -166,6 +166,7 @@ class Driver:
         self.main_started = False
         self.rollout_generation = 0  # bumped each time the rollout servers are replaced
         self.served_version = 0  # weights version the rollout servers hold
+        self.agents: Any = None  # the ToolManager when a data source is agentic
         self._reserved_requests = 0  # request slots held by groups in flight
         self._recovered_ids: set[str] = set()  # pending at the last restart (see _clamp_versions)
         self._request_done = asyncio.Event()
@@ -226,6 +227,7 @@ class Driver:
         self.rewards = self._start_rewards()
         self.trainer = self._start_trainer()
         self.rollout = self._start_rollout(cfg.rollout, self.student_path, replicas=None)
+        self.agents = self._start_agents()
         self.teachers = self._start_teachers()
         self.teacher_of = {d: t.name for t in cfg.teachers for d in t.domains}
         self.write_processes()
@@ -330,6 +332,60 @@ class Driver:
         self.stack.callback(worker.close)
         return worker
 
+    def _start_agents(self):
+        """The Toolbox actor and the ToolManager, when a data source is agentic (its tasks
+        run as multi-turn trajectories; their environment sets the reward)."""
+        from envs.registry import AGENTIC
+
+        if not any(s.reward == AGENTIC for s in self.cfg.data.sources):
+            return None
+        import ray
+
+        from envs.agentic import ENVIRONMENTS, build_env
+        from envs.sandbox import SandboxLimits
+        from envs.tool_manager import ToolManager, ToolManagerConfig
+        from envs.toolbox import ToolboxConfig, ToolQuota, remote_toolbox
+
+        a = self.cfg.agent
+        quotas = {
+            tool: ToolQuota(max_concurrency=n, max_qps=a.tool_max_qps.get(tool))
+            for tool, n in a.tool_max_concurrency.items()
+        }
+        limits = SandboxLimits(
+            wall_seconds=a.sandbox_wall_seconds,
+            cpu_seconds=a.sandbox_cpu_seconds,
+            memory_bytes=a.sandbox_memory_bytes,
+        )
+        # Sandboxes fail closed: a host without isolation stops the run here, with the reason.
+        toolbox = remote_toolbox(num_cpus=0, max_restarts=0).remote(
+            ToolboxConfig(pool_size=a.pool_size, limits=limits, quotas=quotas)
+        )
+        try:
+            ray.get(toolbox.stats.remote())
+        except Exception as e:
+            raise RunError(f"the Toolbox cannot start its sandboxes: {e}") from None
+        self.stack.callback(lambda: ray.kill(toolbox))
+        self.toolbox = toolbox
+        tasks_dir = Path(a.tasks_dir) if a.tasks_dir else None
+        envs = {n: build_env(n, tasks_dir / n if tasks_dir else None) for n in ENVIRONMENTS}
+        s = self.cfg.rollout.sampling
+        config = ToolManagerConfig(
+            max_turns=a.max_turns,
+            max_response_tokens=a.max_response_tokens,
+            max_tokens_per_turn=a.max_tokens_per_turn,
+            turn_timeout_s=a.turn_timeout_s,
+            tool_timeout_s=a.tool_timeout_s,
+            reward_timeout_s=a.reward_timeout_s,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            stop=tuple(s.stop),
+        )
+        layout = self.layout if self.cfg.rollout.return_routed_experts else None
+        return ToolManager(
+            self.rollout.router, toolbox, self.tokenizer, config, layout=layout, envs=envs
+        )
+
     def _start_trainer(self):
         import ray
 
@@ -431,20 +487,33 @@ class Driver:
         if self.cfg.algorithm.loss == "sft":
             return self._sft_group(group)
         t0 = time.perf_counter()
-        requests = [self._request(group.prompt, sid) for sid in group.sample_ids()]
-        outs = await asyncio.gather(*(self._generate(r) for r in requests))
-        if any(o.aborted for o in outs):
-            self.scheduler.requeue(group.group_id)
-            return []
-        samples = [
-            self._to_sample(group.prompt, sid, o, version)
-            for sid, o in zip(group.sample_ids(), outs)
-        ]
-        t1 = time.perf_counter()
-        rewards = await asyncio.get_running_loop().run_in_executor(
-            None, self.rewards.score, samples
-        )
-        t2 = time.perf_counter()
+        if "agentic" in group.prompt.metadata:
+            # Multi-turn trajectories with tools; each reward is set when its trajectory ends.
+            samples = list(
+                await asyncio.gather(
+                    *(self._agent_rollout(group.prompt, sid, version) for sid in group.sample_ids())
+                )
+            )
+            if any(s.finish_reason == "abort" for s in samples):
+                self.scheduler.requeue(group.group_id)
+                return []
+            t1 = t2 = time.perf_counter()
+            rewards = [float(s.reward) for s in samples]  # type: ignore[arg-type]
+        else:
+            requests = [self._request(group.prompt, sid) for sid in group.sample_ids()]
+            outs = await asyncio.gather(*(self._generate(r) for r in requests))
+            if any(o.aborted for o in outs):
+                self.scheduler.requeue(group.group_id)
+                return []
+            samples = [
+                self._to_sample(group.prompt, sid, o, version)
+                for sid, o in zip(group.sample_ids(), outs)
+            ]
+            t1 = time.perf_counter()
+            rewards = await asyncio.get_running_loop().run_in_executor(
+                None, self.rewards.score, samples
+            )
+            t2 = time.perf_counter()
         scored = self.scheduler.complete_group(samples, rewards)
         domain = group.prompt.domain
         self.rollout_stats[f"reward/{domain}"].extend(rewards)
@@ -475,6 +544,20 @@ class Driver:
         if scored:
             self.stream.publish(scored)
         return scored
+
+    async def _agent_rollout(self, prompt: Prompt, sample_id: str, version: int) -> RolloutSample:
+        """One agentic trajectory; frees its request slot (reserved by rollout_until) when done.
+        A trajectory holds one slot: its turns run one after another."""
+        if self.agents is None:
+            raise RunError(
+                f"prompt {prompt.prompt_id} of source {prompt.source!r} names an agentic task "
+                "but the source's reward is not 'agentic'; set data.sources[*].reward: agentic"
+            )
+        try:
+            return await self.agents.run(prompt, sample_id, version=version)
+        finally:
+            self._reserved_requests -= 1
+            self._request_done.set()
 
     async def _generate(self, request: GenerateRequest) -> GenerateOutput:
         """One generate call; frees its request slot (reserved by rollout_until) when done."""
@@ -794,7 +877,11 @@ class Driver:
             return {}
         if self.served_version != self.version:
             await self.sync_weights()
-        outs = await asyncio.gather(*(self._eval_generate(p) for p in prompts))
+        agentic = [p for p in prompts if "agentic" in p.metadata]
+        prompts = [p for p in prompts if "agentic" not in p.metadata] + agentic
+        outs = await asyncio.gather(
+            *(self._eval_generate(p) for p in prompts[: len(prompts) - len(agentic)])
+        )
         samples = [
             self._to_sample(p, f"{p.prompt_id}/eval", o, self.version)
             for p, o in zip(prompts, outs)
@@ -802,12 +889,18 @@ class Driver:
         rewards = await asyncio.get_running_loop().run_in_executor(
             None, self.rewards.score, samples
         )
+        if agentic:  # trajectories at the rollout temperature, scored by their environment
+            assert self.agents is not None
+            runs = await asyncio.gather(
+                *(self.agents.run(p, f"{p.prompt_id}/eval", version=self.version) for p in agentic)
+            )
+            rewards = [*rewards, *(float(s.reward or 0.0) for s in runs)]
         per: dict[str, list[float]] = defaultdict(list)
         for p, r in zip(prompts, rewards):
             per[p.domain].append(float(r >= 1.0 - 1e-6))
         return {f"eval/accuracy/{d}": float(np.mean(v)) for d, v in sorted(per.items())}
 
-    async def _eval_generate(self, prompt: Prompt, attempts: int = 3) -> GenerateOutput:
+    async def _eval_generate(self, prompt: Prompt, attempts: int = 4) -> GenerateOutput:
         """One greedy eval request; a failed call heals the servers and is retried (as
         rollout requeues a failed group), so a dropped connection does not end the run."""
         for attempt in range(1, attempts + 1):
@@ -823,7 +916,8 @@ class Driver:
                     ) from e
                 log.warning("eval of %s failed (%s); retrying", prompt.prompt_id, e)
                 await self.heal_rollout(generation)
-                await asyncio.sleep(attempt)  # let the pool's cool-down after failures pass
+                # 2, 4, 8 s: past the pool's cool-down of a server that failed (5 s).
+                await asyncio.sleep(2.0**attempt)
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ the loop
@@ -954,6 +1048,8 @@ class Driver:
             out[f"queue/{k}"] = float(v)
         out |= self.scheduler.metrics()
         out |= {f"reward_worker/{k}": float(v) for k, v in self.rewards.metrics().items()}
+        if self.agents is not None:
+            out |= self.agents.metrics()
         out["version"] = float(self.version)
         return out
 

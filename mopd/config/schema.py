@@ -302,6 +302,45 @@ class ClusterConfig:
 
 
 @dataclass
+class AgentConfig:
+    """Agentic rollouts: the data sources with ``reward: agentic`` (envs/agentic tasks).
+
+    Their prompts run as multi-turn trajectories (``envs.tool_manager.ToolManager``) with
+    tools in sandboxes leased from one Toolbox actor; the environment sets each sample's
+    reward when its trajectory ends.
+    """
+
+    pool_size: int = 8
+    """Pre-warmed sandboxes (the most agentic samples in flight at once)."""
+    max_turns: int = 8
+    """Generated turns per trajectory at most."""
+    max_response_tokens: int = 4096
+    """Tokens after the prompt at most (generated and tool-output tokens together)."""
+    max_tokens_per_turn: int = 1024
+    """max_new_tokens of one turn."""
+    turn_timeout_s: float = 300.0
+    """Wall time of one generation turn; past it the trajectory ends with reward 0."""
+    tool_timeout_s: float = 120.0
+    """Wall time of one tool call; past it the model sees a timeout observation."""
+    reward_timeout_s: float = 300.0
+    """Wall time of the environment's reward (e.g. the task's tests); past it the reward is 0."""
+    tool_max_concurrency: dict[str, int] = field(
+        default_factory=lambda: {"bash": 8, "str_replace": 8, "check": 4}
+    )
+    """Calls of each tool running at once, across all rollouts (check: the reward command)."""
+    tool_max_qps: dict[str, float] = field(default_factory=dict)
+    """Call starts per second of each tool, across all rollouts (absent: no rate limit)."""
+    sandbox_wall_seconds: float = 60.0
+    """Wall-time limit of one command in a sandbox."""
+    sandbox_cpu_seconds: float = 30.0
+    """CPU-time limit of one command in a sandbox."""
+    sandbox_memory_bytes: int = 1 << 30
+    """Memory limit of one command in a sandbox."""
+    tasks_dir: str | None = None
+    """Folder with one sub-folder of tasks per environment (default: the shipped envs/tasks)."""
+
+
+@dataclass
 class RunConfig:
     """A whole run: what ``mopd train CONFIG`` reads."""
 
@@ -325,3 +364,5 @@ class RunConfig:
     """MLflow tracking."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """Ray cluster and placement."""
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    """Agentic rollouts (sources with reward: agentic)."""

@@ -38,6 +38,7 @@ def validate(run: RunConfig) -> list[str]:
     _check_scheduler(run, p)
     _check_trainer(run, p)
     _check_tracking_cluster(run, p)
+    _check_agent(run, p)
     return p.items
 
 
@@ -125,6 +126,10 @@ def _check_data(run: RunConfig, p: _Problems) -> None:
             p.add(
                 f"{key}.dynamic_sampling",
                 "must be false for algorithm.loss=sft: SFT samples carry no reward to filter on",
+            )
+        if src.reward == "agentic" and run.algorithm.loss == "sft":
+            p.add(
+                f"{key}.reward", "agentic sources sample trajectories: not for algorithm.loss=sft"
             )
         if run.algorithm.loss == "rl" and src.group_size == 1:
             p.add(
@@ -298,3 +303,17 @@ def _check_tracking_cluster(run: RunConfig, p: _Problems) -> None:
             "cluster.colocate",
             "colocated rollout and training needs GPUs and rollout.backend=sglang; set it to false",
         )
+
+
+def _check_agent(run: RunConfig, p: _Problems) -> None:
+    a = run.agent
+    for name in ("pool_size", "max_turns", "max_response_tokens", "max_tokens_per_turn"):
+        p.positive(f"agent.{name}", getattr(a, name))
+    for name in ("turn_timeout_s", "tool_timeout_s", "reward_timeout_s"):
+        p.positive(f"agent.{name}", getattr(a, name))
+    for name in ("sandbox_wall_seconds", "sandbox_cpu_seconds", "sandbox_memory_bytes"):
+        p.positive(f"agent.{name}", getattr(a, name))
+    for tool, n in a.tool_max_concurrency.items():
+        p.positive(f"agent.tool_max_concurrency.{tool}", n)
+    for tool, qps in a.tool_max_qps.items():
+        p.positive(f"agent.tool_max_qps.{tool}", qps)
