@@ -106,6 +106,15 @@ class EngineRouter:
             return await self._front.generate(request)
         return await self._pool.run(request_cost(request), lambda c: c.generate(request))
 
+    async def generate_batch(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
+        """Several requests in one batched call to one server (the least loaded, or the front
+        balancer); outputs in request order. For a prompt group: one round trip, not G."""
+        requests = [r if r.rid else r.with_rid() for r in requests]
+        if self._front is not None:
+            return await self._front.generate_batch(requests)
+        cost = sum(request_cost(r) for r in requests)
+        return await self._pool.run(cost, lambda c: c.generate_batch(requests))
+
     async def open_session(
         self, session_id: str | None = None, timeout_s: float | None = None
     ) -> str:

@@ -47,6 +47,7 @@ from mopd.inference.protocol import (
     GenerateRequest,
     InitWeightsUpdateGroup,
     ModelInfo,
+    ProtocolError,
     ScoreOutput,
     UpdateWeightsFromDisk,
     UpdateWeightsFromDistributed,
@@ -54,6 +55,7 @@ from mopd.inference.protocol import (
     UpdateWeightVersion,
     WeightUpdateRequest,
     WeightUpdateResult,
+    batch_json,
     make_score_request,
     parse_generate_output,
     parse_model_info,
@@ -333,6 +335,34 @@ class EngineClient:
         if isinstance(payload, list) and len(payload) == 1:
             payload = payload[0]
         return parse_generate_output(payload, request, self.routed_experts_shape)
+
+    async def generate_batch(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
+        """Generate for several requests in ONE batched ``/generate`` call (SGLang's batch form;
+        see ``batch_json``); outputs in request order. Far fewer HTTP round trips than one call
+        per request (e.g. the G samples of a prompt group). Not retried once sent; cancelling
+        aborts every request of the batch on the server."""
+        requests = [r if r.rid else r.with_rid() for r in requests]
+        rids = [r.rid for r in requests]
+        try:
+            payload = await self._call(
+                "POST", "/generate", json=batch_json(requests), idempotent=False
+            )
+        except asyncio.CancelledError:
+            for rid in rids:
+                self._abort_in_background(rid)
+            raise
+        except EngineUnavailable as exc:
+            if exc.__cause__ is not None and not _never_reached_server(exc.__cause__):
+                for rid in rids:
+                    self._abort_in_background(rid)
+            raise
+        if not isinstance(payload, list) or len(payload) != len(requests):
+            got = len(payload) if isinstance(payload, list) else type(payload).__name__
+            raise ProtocolError(f"batched /generate of {len(requests)} requests answered {got}")
+        return [
+            parse_generate_output(p, r, self.routed_experts_shape)
+            for p, r in zip(payload, requests, strict=True)
+        ]
 
     async def score(
         self,

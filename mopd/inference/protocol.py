@@ -66,6 +66,7 @@ __all__ = [
     "WeightUpdateRequest",
     "WeightUpdateResult",
     "WeightVersionSpan",
+    "batch_json",
     "compact_routes",
     "decode_routed_experts",
     "encode_routed_experts",
@@ -696,6 +697,42 @@ def _require(meta: Mapping[str, Any], key: str, why: str, rid: str) -> Any:
             "with --enable-return-routed-experts)?"
         )
     return meta[key]
+
+
+_PER_PROMPT = ("rid", "input_ids", "text", "sampling_params")
+
+
+def batch_json(requests: Sequence[GenerateRequest]) -> dict[str, Any]:
+    """One batched ``/generate`` body for ``requests`` (SGLang's batch form: ``input_ids`` a
+    list of lists, ``sampling_params`` and ``rid`` lists). The server answers a list in request
+    order. Every other field must be the same for all requests, and none may continue a
+    session (SGLang takes one session request at a time)."""
+    if not requests:
+        raise ProtocolError("a batched /generate needs at least one request")
+    bodies = [r.to_json() for r in requests]
+    if any(r.session_params is not None for r in requests):
+        raise ProtocolError("session requests cannot be batched: send each turn on its own")
+    if any(r.rid is None for r in requests):
+        raise ProtocolError("every request of a batch needs a rid (GenerateRequest.with_rid)")
+    kinds = {"input_ids" in b for b in bodies}
+    if len(kinds) != 1:
+        raise ProtocolError("a batch mixes input_ids and text requests")
+    shared = {k: v for k, v in bodies[0].items() if k not in _PER_PROMPT}
+    for b in bodies[1:]:
+        other = {k: v for k, v in b.items() if k not in _PER_PROMPT}
+        if other != shared:
+            differ = sorted(k for k in {*other, *shared} if other.get(k) != shared.get(k))
+            raise ProtocolError(
+                f"requests of one batch differ in {differ}; only input_ids/text, "
+                "sampling_params and rid may differ"
+            )
+    key = "input_ids" if "input_ids" in bodies[0] else "text"
+    return {
+        "rid": [b["rid"] for b in bodies],
+        key: [b[key] for b in bodies],
+        "sampling_params": [b["sampling_params"] for b in bodies],
+        **shared,
+    }
 
 
 def parse_generate_output(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -19,7 +21,13 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from mopd.inference.protocol import decode_routed_experts
+from mopd.inference.client import EngineClient
+from mopd.inference.protocol import (
+    GenerateRequest,
+    ProtocolError,
+    SamplingParams,
+    decode_routed_experts,
+)
 from rollout.engine import Engine, EngineConfig
 from rollout.server import build_app, parse_args
 
@@ -248,3 +256,41 @@ def test_launch_flags_follow_sglang():
     )
     assert args.host == "127.0.0.1" and args.port == 1234 and args.enable_return_routed_experts
     assert args.weight_version == "default" and ignored == ["--tp-size", "2"]
+
+
+def test_a_batched_generate_equals_its_requests_sent_alone(server):
+    """``EngineClient.generate_batch`` (one SGLang batch body for a prompt group) gives each
+    request exactly what it gets alone: seeded samples, log-probs and routes, in order."""
+    base, _ = server
+
+    def req(i: int, seed: int) -> GenerateRequest:
+        params = SamplingParams(max_new_tokens=6, temperature=1.0, sampling_seed=seed)
+        return GenerateRequest(
+            input_ids=PROMPT[: 5 + i],
+            sampling_params=params,
+            rid=f"group/{i}",
+            return_logprob=True,
+            return_routed_experts=True,
+        )
+
+    requests = [req(i, seed=100 + i) for i in range(4)]
+
+    async def go():
+        async with EngineClient(base, routed_experts_shape=(4, 2)) as client:
+            together = await client.generate_batch(requests)
+            alone = [
+                await client.generate(r.with_rid(f"alone/{i}")) for i, r in enumerate(requests)
+            ]
+            mixed = [requests[0], dataclasses.replace(requests[1], return_routed_experts=False)]
+            with pytest.raises(ProtocolError, match="differ in"):
+                await client.generate_batch(mixed)
+            return together, alone
+
+    together, alone = asyncio.run(go())
+    assert [o.rid for o in together] == [r.rid for r in requests]
+    for t, a, r in zip(together, alone, requests):
+        assert t.prompt_tokens == len(r.input_ids)
+        np.testing.assert_array_equal(t.output_ids, a.output_ids)
+        np.testing.assert_allclose(t.output_logprobs, a.output_logprobs, atol=1e-5)
+        np.testing.assert_array_equal(np.sort(t.routed_experts, -1), np.sort(a.routed_experts, -1))
+    assert len({tuple(o.output_ids) for o in together}) > 1  # different seeds, different samples
