@@ -14,35 +14,19 @@ run and special-cases it, or a planted module that shadows one the tests import.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
-from envs.agentic.base import AgenticTask, toolbox_call
-from envs.agentic.tasks import load_tasks
+from envs.agentic.base import AgenticTask, TaskSet, toolbox_call
 
 __all__ = ["CodeRepairEnv"]
 
 log = logging.getLogger(__name__)
 
 
-class CodeRepairEnv:
+class CodeRepairEnv(TaskSet):
     """The code-repair environment over the tasks of ``tasks_dir`` (default: shipped)."""
 
     name = "code_repair"
-
-    def __init__(self, tasks_dir: str | Path | None = None) -> None:
-        self._tasks = {t.task_id: t for t in load_tasks(self.name, tasks_dir)}
-
-    def tasks(self) -> tuple[AgenticTask, ...]:
-        return tuple(self._tasks.values())
-
-    def task(self, task_id: str) -> AgenticTask:
-        try:
-            return self._tasks[task_id]
-        except KeyError:
-            raise KeyError(
-                f"no code_repair task {task_id!r}; known: {', '.join(sorted(self._tasks))}"
-            ) from None
 
     async def reward(
         self, task: AgenticTask, toolbox: Any, lease: str, answer: str | None

@@ -9,34 +9,18 @@ stripped; an ``<answer>...</answer>`` wrapper is accepted), else 0.0, and 0.0 wi
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from envs.agentic.base import AgenticTask
-from envs.agentic.tasks import load_tasks
+from envs.agentic.base import AgenticTask, TaskSet
 from envs.rewards import exact_match
 
 __all__ = ["ToolUseEnv"]
 
 
-class ToolUseEnv:
+class ToolUseEnv(TaskSet):
     """The tool-use environment over the tasks of ``tasks_dir`` (default: shipped)."""
 
     name = "tool_use"
-
-    def __init__(self, tasks_dir: str | Path | None = None) -> None:
-        self._tasks = {t.task_id: t for t in load_tasks(self.name, tasks_dir)}
-
-    def tasks(self) -> tuple[AgenticTask, ...]:
-        return tuple(self._tasks.values())
-
-    def task(self, task_id: str) -> AgenticTask:
-        try:
-            return self._tasks[task_id]
-        except KeyError:
-            raise KeyError(
-                f"no tool_use task {task_id!r}; known: {', '.join(sorted(self._tasks))}"
-            ) from None
 
     async def reward(
         self, task: AgenticTask, toolbox: Any, lease: str, answer: str | None
