@@ -60,6 +60,7 @@ from mopd.models.moe import MoELayout, moe_layout
 from mopd.packing import pack_micro_batches
 from mopd.scheduler.redis_server import EmbeddedRedis, connect
 from mopd.scheduler.scheduler import DataScheduler, PromptGroup
+from mopd.scheduler.sources import derive_seed
 from mopd.scheduler.stream import Delivery, TrainingStream
 from mopd.scheduler.tokenize import load_tokenize
 from mopd.tracking import (
@@ -438,17 +439,21 @@ class Driver:
             if greedy
             else (prompt.temperature if prompt.temperature is not None else s.temperature)
         )
+        rid = f"{sample_id}@v{self.version}"
         params = SamplingParams(
             max_new_tokens=prompt.max_new_tokens or s.max_new_tokens,
             temperature=temperature,
             top_p=s.top_p,
             top_k=s.top_k,
             stop=tuple(s.stop) or None,
+            # Each request draws from its own seed (run seed, request id): the same samples
+            # whatever the engine batches it with, so a seeded run reproduces.
+            sampling_seed=derive_seed(self.cfg.run.seed, rid) % 2**31,
         )
         return GenerateRequest(
             input_ids=tuple(int(t) for t in prompt.input_ids_P),
             sampling_params=params,
-            rid=f"{sample_id}@v{self.version}",
+            rid=rid,
             return_logprob=True,
             return_routed_experts=bool(self.cfg.rollout.return_routed_experts and self.layout),
         )
@@ -501,7 +506,7 @@ class Driver:
             rewards = [float(s.reward) for s in samples]  # type: ignore[arg-type]
         else:
             requests = [self._request(group.prompt, sid) for sid in group.sample_ids()]
-            outs = await asyncio.gather(*(self._generate(r) for r in requests))
+            outs = await self._generate_group(requests)
             if any(o.aborted for o in outs):
                 self.scheduler.requeue(group.group_id)
                 return []
@@ -559,12 +564,13 @@ class Driver:
             self._reserved_requests -= 1
             self._request_done.set()
 
-    async def _generate(self, request: GenerateRequest) -> GenerateOutput:
-        """One generate call; frees its request slot (reserved by rollout_until) when done."""
+    async def _generate_group(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
+        """A group's samples in one batched generate call (one round trip, not G); frees
+        their request slots (reserved by rollout_until) when done."""
         try:
-            return await self.rollout.router.generate(request)
+            return await self.rollout.router.generate_batch(requests)
         finally:
-            self._reserved_requests -= 1
+            self._reserved_requests -= len(requests)
             self._request_done.set()
 
     def _sft_group(self, group: PromptGroup) -> list[ScoredSample]:
