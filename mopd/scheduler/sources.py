@@ -22,7 +22,8 @@ Prompt formats of generator sources (``generator_args.format``):
 
 - ``question`` (default): reasoning-gym's question text.
 - ``compact``: a short fixed template a tiny model can learn, e.g. chain_sum
-  ``'23-60='`` -> ``'-37'`` and spell_backward ``'rev:neon='`` -> ``'noen'``. The reference
+  ``'23-60='`` -> ``'-37'``, spell_backward ``'rev:neon='`` -> ``'noen'`` and caesar_cipher
+  ``'rot3:ZHOO='`` -> ``'WELL'``. The reference
   answer and the scorer stay reasoning-gym's. ``COMPACT_FORMATS`` lists the families.
 
 Cursors: ``state_dict()`` / ``load_state_dict()`` hold the position in the stream (and
@@ -142,6 +143,7 @@ COMPACT_FORMATS: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "gcd": lambda m: "gcd:" + ",".join(str(n) for n in m["numbers"]) + "=",
     "lcm": lambda m: "lcm:" + ",".join(str(n) for n in m["numbers"]) + "=",
     "letter_counting": _compact_letter_counting,
+    "caesar_cipher": lambda m: f"rot{m['rotation']}:{m['cipher_text']}=",
 }
 """Compact prompt templates per reasoning-gym family: entry metadata -> prompt text."""
 
