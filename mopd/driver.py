@@ -366,7 +366,6 @@ class Driver:
         except Exception as e:
             raise RunError(f"the Toolbox cannot start its sandboxes: {e}") from None
         self.stack.callback(lambda: ray.kill(toolbox))
-        self.toolbox = toolbox
         tasks_dir = Path(a.tasks_dir) if a.tasks_dir else None
         envs = {n: build_env(n, tasks_dir / n if tasks_dir else None) for n in ENVIRONMENTS}
         s = self.cfg.rollout.sampling

@@ -8,20 +8,13 @@ import ray
 
 from envs.actor import remote_reward_actor
 from mopd.types import Prompt, RolloutSample
+from tests.ray_local import private_ray
 
 
 @pytest.fixture(scope="module")
 def ray_local():
-    # address="local": a private cluster, never one another process on this machine started.
-    ray.init(
-        address="local",
-        num_cpus=1,
-        include_dashboard=False,
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-    )
-    yield
-    ray.shutdown()
+    with private_ray(num_cpus=1):
+        yield
 
 
 def _sample(response: str, answer: str | None) -> RolloutSample:

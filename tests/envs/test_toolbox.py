@@ -17,6 +17,7 @@ import ray
 from envs.sandbox import SandboxLimits
 from envs.toolbox import Toolbox, ToolboxBusy, ToolboxConfig, ToolQuota, remote_toolbox
 from envs.tools import ToolCall
+from tests.ray_local import private_ray
 
 LIMITS = SandboxLimits(wall_seconds=10.0, cpu_seconds=5.0)
 STAMPED = "echo start=$(date +%s.%N); sleep 0.1; echo end=$(date +%s.%N)"
@@ -48,16 +49,8 @@ def _max_starts_in_window(starts: list[float], window_s: float) -> int:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    # address="local": a private cluster, never one another process on this machine started.
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-    )
-    yield
-    ray.shutdown()
+    with private_ray(num_cpus=2):
+        yield
 
 
 def test_quotas_hold_for_64_concurrent_rollouts_through_the_actor(ray_local):

@@ -14,6 +14,7 @@ from mopd.config.schema import RolloutConfig
 from mopd.inference.protocol import GenerateRequest, SamplingParams, UpdateWeightsFromDisk
 from rollout.build import build_rollout_backend, routed_experts_shape_of
 from rollout.launcher import LaunchSpec
+from tests.ray_local import private_ray
 
 PROMPT = [5, 6, 7, 8]
 REPO = Path(__file__).resolve().parents[2]
@@ -21,16 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def ray_local():
-    # address="local": a private cluster, never one another process on this machine started.
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-    )
-    yield
-    ray.shutdown()
+    with private_ray(num_cpus=2):
+        yield
 
 
 def _gone(pid: int) -> bool:
