@@ -58,6 +58,8 @@ class _Seq:
     loss_mask_S: np.ndarray
     logp_rollout_S: np.ndarray
     logp_teacher_S: np.ndarray | None
+    topk_logp_SK: np.ndarray | None
+    topk_ids_SK: np.ndarray | None
     versions_S: np.ndarray
     routes_SLk: np.ndarray | None
     adv: float
@@ -85,6 +87,16 @@ def _layout(scored: ScoredSample, routes_dtype: np.dtype | None) -> _Seq:
         teacher_S = np.concatenate(
             [zeros_P, np.where(generated_T, scored.logp_teacher_T, FLOAT(0))]
         )
+    topk_logp_SK = topk_ids_SK = None
+    if scored.teacher_topk_logp_TK is not None and scored.teacher_topk_ids_TK is not None:
+        K = scored.teacher_topk_logp_TK.shape[1]
+        on_TK = generated_T[:, None]
+        topk_logp_SK = np.concatenate(
+            [np.zeros((P, K), FLOAT), np.where(on_TK, scored.teacher_topk_logp_TK, FLOAT(0))]
+        )
+        topk_ids_SK = np.concatenate(
+            [np.zeros((P, K), np.int32), np.where(on_TK, scored.teacher_topk_ids_TK, 0)]
+        ).astype(np.int32, copy=False)
     routes_SLk = None
     if s.routes_SLk is not None and routes_dtype is not None:
         r = s.routes_SLk.astype(routes_dtype, copy=False)
@@ -96,6 +108,8 @@ def _layout(scored: ScoredSample, routes_dtype: np.dtype | None) -> _Seq:
         loss_mask_S=np.concatenate([np.zeros(P, dtype=bool), generated_T]),
         logp_rollout_S=np.concatenate([zeros_P, np.where(generated_T, s.logp_rollout_T, FLOAT(0))]),
         logp_teacher_S=teacher_S,
+        topk_logp_SK=topk_logp_SK,
+        topk_ids_SK=topk_ids_SK,
         versions_S=np.concatenate([np.full(P, -1, dtype=np.int32), s.versions_T]),
         routes_SLk=routes_SLk,
         adv=float(scored.advantage),
@@ -117,6 +131,14 @@ def _check_consistent(samples: Sequence[ScoredSample]) -> np.dtype | None:
         raise ValueError(
             f"samples {missing} carry no teacher log-probs while others do; score every "
             "sample of a MOPD batch with its domain teacher (or none of them)"
+        )
+    topk_k = {
+        None if x.teacher_topk_logp_TK is None else x.teacher_topk_logp_TK.shape[1] for x in samples
+    }
+    if len(topk_k) > 1:
+        raise ValueError(
+            f"samples carry teacher top-k log-probs of different widths {sorted(map(str, topk_k))}"
+            "; give every teacher the same top_logprobs (or none of them)"
         )
     routes = [x.sample.routes_SLk for x in samples]
     have = [r is not None for r in routes]
@@ -143,6 +165,8 @@ def _micro_batch(seqs: Sequence[_Seq]) -> MicroBatch:
     cu = np.zeros(len(seqs) + 1, dtype=np.int32)
     cu[1:] = np.cumsum(lengths)
     teacher = [q.logp_teacher_S for q in seqs if q.logp_teacher_S is not None]
+    topk_logp = [q.topk_logp_SK for q in seqs if q.topk_logp_SK is not None]
+    topk_ids = [q.topk_ids_SK for q in seqs if q.topk_ids_SK is not None]
     routes = [q.routes_SLk for q in seqs if q.routes_SLk is not None]
     ids = tuple(q.sample_id for q in seqs)
     return MicroBatch(
@@ -152,6 +176,8 @@ def _micro_batch(seqs: Sequence[_Seq]) -> MicroBatch:
         logp_rollout_N=np.concatenate([q.logp_rollout_S for q in seqs]),
         adv_orm_B=np.asarray([q.adv for q in seqs], dtype=FLOAT),
         logp_teacher_N=np.concatenate(teacher) if teacher else None,
+        teacher_topk_logp_NK=np.concatenate(topk_logp) if topk_logp else None,
+        teacher_topk_ids_NK=np.concatenate(topk_ids) if topk_ids else None,
         versions_N=np.concatenate([q.versions_S for q in seqs]),
         routes_NLk=np.concatenate(routes) if routes else None,
         sample_ids=ids if all(ids) else (),
@@ -172,6 +198,8 @@ def _filler(like: _Seq) -> _Seq:
         loss_mask_S=np.zeros(1, dtype=bool),
         logp_rollout_S=np.zeros(1, dtype=FLOAT),
         logp_teacher_S=None if like.logp_teacher_S is None else np.zeros(1, dtype=FLOAT),
+        topk_logp_SK=None if like.topk_logp_SK is None else np.zeros_like(like.topk_logp_SK[:1]),
+        topk_ids_SK=None if like.topk_ids_SK is None else np.zeros_like(like.topk_ids_SK[:1]),
         versions_S=np.full(1, -1, dtype=np.int32),
         routes_SLk=None if like.routes_SLk is None else like.routes_SLk[:1].copy(),
         adv=0.0,

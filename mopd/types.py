@@ -231,6 +231,11 @@ class MicroBatch:
     """float32 [B] sequence-level ORM advantages."""
     logp_teacher_N: np.ndarray | None = None
     """float32 [N] teacher log-probs (0 where masked); None outside MOPD."""
+    teacher_topk_logp_NK: np.ndarray | None = None
+    """float32 [N, K] the teacher's top-k log-probs per token (0 where masked); set only when
+    the teachers return top-k log-probs (algorithm.teacher_kl=topk)."""
+    teacher_topk_ids_NK: np.ndarray | None = None
+    """int32 [N, K] the token ids of ``teacher_topk_logp_NK``."""
     versions_N: np.ndarray | None = None
     """int32 [N] policy version per token (-1 on prompt tokens)."""
     routes_NLk: np.ndarray | None = None
@@ -261,6 +266,20 @@ class MicroBatch:
                 arr = _as(value, FLOAT, name, 1)
                 _check(arr.shape[0] == n, f"{name} must be [N={n}]")
                 object.__setattr__(self, name, arr)
+        topk = (self.teacher_topk_logp_NK, self.teacher_topk_ids_NK)
+        _check(
+            (topk[0] is None) == (topk[1] is None),
+            "teacher_topk_logp_NK and teacher_topk_ids_NK go together",
+        )
+        if topk[0] is not None:
+            lp = _as(topk[0], FLOAT, "teacher_topk_logp_NK", 2)
+            ids = _as(topk[1], np.int32, "teacher_topk_ids_NK", 2)
+            _check(lp.shape[0] == n, f"teacher_topk_logp_NK must be [N={n}, K]")
+            _check(
+                ids.shape == lp.shape, "teacher_topk_ids_NK must have the shape of the log-probs"
+            )
+            object.__setattr__(self, "teacher_topk_logp_NK", lp)
+            object.__setattr__(self, "teacher_topk_ids_NK", ids)
         if self.versions_N is not None:
             ver = _as(self.versions_N, np.int32, "versions_N", 1)
             _check(ver.shape[0] == n, f"versions_N must be [N={n}]")

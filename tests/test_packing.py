@@ -165,3 +165,35 @@ def test_inconsistent_batches_are_rejected(samples, message):
 def test_bad_arguments_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
         pack_micro_batches([_scored(1, 2, 2)], **kwargs)
+
+
+def _with_topk(scored: ScoredSample, K: int) -> ScoredSample:
+    import dataclasses
+
+    T = scored.sample.response_ids_T.shape[0]
+    logp_TK = -(np.arange(T)[:, None] + 1.0) - np.arange(K)[None, :] / 10
+    ids_TK = (np.arange(T)[:, None] * 10 + np.arange(K)[None, :]).astype(np.int32)
+    return dataclasses.replace(scored, teacher_topk_logp_TK=logp_TK, teacher_topk_ids_TK=ids_TK)
+
+
+def test_teacher_topk_aligns_to_the_token_it_scores_and_fillers_carry_it():
+    a, b = _with_topk(_scored(1, 3, 2), 3), _with_topk(_scored(2, 2, 3), 3)
+    mb = build_micro_batch([a, b])
+    assert mb.teacher_topk_logp_NK.shape == (10, 3) and mb.teacher_topk_ids_NK.dtype == np.int32
+    # prompt rows are zero; response row t holds the teacher's top-k for response token t
+    np.testing.assert_allclose(mb.teacher_topk_logp_NK[:, 0], [0, 0, 0, -1, -2, 0, 0, -1, -2, -3])
+    np.testing.assert_array_equal(mb.teacher_topk_ids_NK[3], [0, 1, 2])
+    np.testing.assert_array_equal(mb.teacher_topk_ids_NK[9], [20, 21, 22])
+    ranks = pack_micro_batches([a, b], micro_batch_tokens=64, dp_size=4)
+    filler = next(r[0] for r in ranks if not r[0].sample_ids)
+    assert filler.teacher_topk_logp_NK.shape == (1, 3) and filler.teacher_topk_ids_NK.shape == (
+        1,
+        3,
+    )
+
+
+def test_teacher_topk_of_different_widths_is_rejected():
+    with pytest.raises(ValueError, match="same top_logprobs"):
+        build_micro_batch([_with_topk(_scored(1, 3, 2), 3), _with_topk(_scored(2, 2, 3), 4)])
+    with pytest.raises(ValueError, match="same top_logprobs"):
+        build_micro_batch([_with_topk(_scored(1, 3, 2), 3), _scored(2, 2, 3)])

@@ -102,11 +102,6 @@ def loss_kwargs(cfg: AlgorithmConfig) -> dict[str, Any]:
             "clip_high": cfg.clip_high,
             "aggregation": cfg.aggregation,
         }
-    if cfg.teacher_kl != "sampled":
-        raise ValueError(
-            f"algorithm.teacher_kl={cfg.teacher_kl!r}: micro-batches do not carry the teacher's "
-            "top-k log-probs yet; use teacher_kl=sampled"
-        )
     return {
         "alpha": cfg.alpha,
         "eps_low": cfg.eps_low,
@@ -152,9 +147,11 @@ class RegistryLoss:
         self.kwargs = loss_kwargs(cfg)
 
     def __call__(
-        self, logp_BT: torch.Tensor, b: PackedBatch
+        self, logp_BT: torch.Tensor, b: PackedBatch, logits_MV: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """``(loss, metrics)`` of the micro-batch for the trained log-probs ``logp_BT``."""
+        """``(loss, metrics)`` of the micro-batch for the trained log-probs ``logp_BT``;
+        ``logits_MV`` (the logits that predict the loss tokens, from ``loss_logprobs``) feed the
+        student's side of ``teacher_kl=topk``."""
         if self.name == "sft":
             return self.fn(logp_BT, b.mask_BT, **self.kwargs)
         if self.name == "rl":
@@ -164,9 +161,32 @@ class RegistryLoss:
                 "algorithm.loss=mopd needs teacher log-probs, but a micro-batch has none; "
                 "score every sample with its domain teacher before training"
             )
+        if self.kwargs["teacher_kl"] == "topk":
+            return self.fn(
+                logp_BT, b.logp_rollout_BT, None, b.adv_B, b.mask_BT, **self.kwargs,
+                **_topk_pair(b, logits_MV),
+            )  # fmt: skip
         return self.fn(
             logp_BT, b.logp_rollout_BT, b.logp_teacher_BT, b.adv_B, b.mask_BT, **self.kwargs
         )
+
+
+def _topk_pair(b: PackedBatch, logits_MV: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The teacher's top-k log-probs [B, T, K] and the student's log-probs at the same ids
+    (differentiable, from the loss tokens' logits), for ``teacher_kl=topk``."""
+    if b.teacher_topk_logp_BTK is None or b.teacher_topk_ids_BTK is None:
+        raise ValueError(
+            "algorithm.teacher_kl=topk needs the teacher's top-k log-probs, but a micro-batch "
+            "has none; set teachers[*].top_logprobs to k >= 1 so the scorer returns them"
+        )
+    if logits_MV is None:
+        raise ValueError("teacher_kl=topk needs the loss tokens' logits (from loss_logprobs)")
+    ids_MK = b.teacher_topk_ids_BTK[b.seq_M, b.pos_M]
+    student_MK = logits_MV.float().log_softmax(dim=-1).gather(-1, ids_MK)
+    student_BTK = torch.zeros_like(b.teacher_topk_logp_BTK).index_put(
+        (b.seq_M, b.pos_M), student_MK
+    )
+    return {"teacher_topk_logp_BTK": b.teacher_topk_logp_BTK, "student_topk_logp_BTK": student_BTK}
 
 
 # ---------------------------------------------------------------------- micro-batch -> tensors
@@ -188,6 +208,8 @@ class PackedBatch:
     mask_BT: torch.Tensor
     logp_rollout_BT: torch.Tensor
     logp_teacher_BT: torch.Tensor | None
+    teacher_topk_logp_BTK: torch.Tensor | None  # teacher_kl=topk: the teacher's top-k log-probs
+    teacher_topk_ids_BTK: torch.Tensor | None  # int64, their token ids
     adv_B: torch.Tensor
     routes_NLk: torch.Tensor | None  # padded like tokens_N
     agree_N: torch.Tensor  # rows whose route is a recorded choice (padded like tokens_N)
@@ -237,8 +259,9 @@ def to_batch(
     T = int(lengths.max())
     rows = np.flatnonzero(mb.loss_mask_N)
 
-    def padded(x_N: np.ndarray) -> torch.Tensor:
-        out = np.zeros((B, T), dtype=np.float32)
+    def padded(x_N: np.ndarray, dtype: type = np.float32) -> torch.Tensor:
+        """[N, ...] per-token values at the loss rows -> [B, T, ...], zero elsewhere."""
+        out = np.zeros((B, T, *x_N.shape[1:]), dtype=dtype)
         out[seq_N[rows], pos_N[rows]] = x_N[rows]
         return torch.from_numpy(out).to(device)
 
@@ -269,6 +292,12 @@ def to_batch(
         mask_BT=torch.from_numpy(mask_BT).to(device),
         logp_rollout_BT=padded(mb.logp_rollout_N),
         logp_teacher_BT=None if mb.logp_teacher_N is None else padded(mb.logp_teacher_N),
+        teacher_topk_logp_BTK=None
+        if mb.teacher_topk_logp_NK is None
+        else padded(mb.teacher_topk_logp_NK),
+        teacher_topk_ids_BTK=None
+        if mb.teacher_topk_ids_NK is None
+        else padded(mb.teacher_topk_ids_NK, np.int64),
         adv_B=torch.from_numpy(mb.adv_orm_B).to(device),
         routes_NLk=routes,
         agree_N=torch.from_numpy(agree_N).to(device),

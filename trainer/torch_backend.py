@@ -354,7 +354,7 @@ class TorchTrainer:
                 with self.r3.measuring():
                     logits_NV = self._forward_logits(run)
                 logits_MV, logp_BT = loss_logprobs(logits_NV, b)
-                loss, lm = self._loss(logp_BT, b)
+                loss, lm = self._loss(logp_BT, b, logits_MV)
                 # FSDP2 averages gradients over ranks; the weights are shares of the global count.
                 (loss * (weight * self._world)).backward()
             hits, total = self.r3.pop_agreement()

@@ -11,6 +11,17 @@ MOPD (stage 3, eq. 7-9 of the MiMo-V2-Flash report). Per response token t of sam
 log-prob inside A_t is ``logp_train`` (``student_logprob_source="train"``, eq. 8) or the rollout
 engine's ``logp_rollout`` (``"rollout"``).
 
+Top-k variant (``teacher_kl="topk"``): at each response position the teacher term is the reverse
+KL(student || teacher) over the teacher's top-k token ids, both sides renormalised there, and it
+is a differentiable loss term of its own (the student's log-probs at those ids carry the
+gradient), so the position's whole distribution moves towards the teacher's:
+
+    loss_t = w_t * KL_topk,t  -  w_t * alpha * A_orm(y) * logp_train_t
+
+It is deliberately not a stop-gradient advantage on the sampled token: -KL_t depends only on
+the prefix, not on the token sampled at t, so as a weight on logp_train_t its expected gradient
+is zero (pure noise). The reported ``teacher_log_ratio`` is -KL_topk (an estimate of -KL).
+
 Teacher RL (stage 2) is the same estimator with A_t = A_orm and an importance correction of
 choice (``mask`` as above, ``truncate``, or a PPO clipped surrogate), plus an optional k3 penalty
 to a reference policy. MOPD with alpha = 1 and a zero teacher term equals it with ``mask``.
@@ -201,7 +212,8 @@ def topk_reverse_kl(
     token ids. Entries where the teacher log-prob is -inf are padding and leave the support.
     Both distributions are renormalised over the support (q = softmax(student), p =
     softmax(teacher) over the K entries) and the result is sum_k q_k (log q_k - log p_k) >= 0,
-    shape [B, T], fp32. Not differentiated: callers use it under stop-gradient.
+    shape [B, T], fp32. Differentiable with respect to the student's log-probs (the teacher's are
+    constants); wrap it in ``torch.no_grad()`` for a metric.
     """
     check_tensor("teacher_topk_logp_BTK", teacher_topk_logp_BTK, ndim=3)
     check_tensor("student_topk_logp_BTK", student_topk_logp_BTK, ndim=3)
@@ -211,20 +223,22 @@ def topk_reverse_kl(
         "teacher_topk_logp_BTK",
         teacher_topk_logp_BTK,
     )
-    with torch.no_grad():
-        t_BTK = teacher_topk_logp_BTK.float()
-        s_BTK = student_topk_logp_BTK.float()
-        support_BTK = torch.isfinite(t_BTK)
-        neg_inf = torch.full((), -math.inf, device=t_BTK.device)
-        t_BTK = torch.where(support_BTK, t_BTK, neg_inf)
-        s_BTK = torch.where(support_BTK, s_BTK, neg_inf)
-        logp_BTK = torch.log_softmax(t_BTK, dim=-1)
-        logq_BTK = torch.log_softmax(s_BTK, dim=-1)
-        # q = 0 entries (padding, or a student prob that underflowed) contribute 0, not 0 * inf.
-        contrib_BTK = torch.where(
-            logq_BTK > -math.inf, logq_BTK.exp() * (logq_BTK - logp_BTK), torch.zeros_like(t_BTK)
-        )
-        return contrib_BTK.sum(dim=-1)
+    t_BTK = teacher_topk_logp_BTK.detach().float()
+    s_BTK = student_topk_logp_BTK.float()
+    support_BTK = torch.isfinite(t_BTK)
+    neg_inf = torch.full((), -math.inf, device=t_BTK.device)
+    t_BTK = torch.where(support_BTK, t_BTK, neg_inf)
+    s_BTK = torch.where(support_BTK, s_BTK, neg_inf)
+    logp_BTK = torch.log_softmax(t_BTK, dim=-1)
+    logq_BTK = torch.log_softmax(s_BTK, dim=-1)
+    # q = 0 entries (padding, or a student prob that underflowed) contribute 0, not 0 * inf;
+    # the -inf entries are replaced before the product so that no NaN reaches the gradient.
+    live_BTK = logq_BTK > -math.inf
+    zero = torch.zeros((), device=t_BTK.device)
+    logq_c = torch.where(live_BTK, logq_BTK, zero)
+    logp_c = torch.where(live_BTK, logp_BTK, zero)
+    contrib_BTK = torch.where(live_BTK, logq_c.exp() * (logq_c - logp_c), zero)
+    return contrib_BTK.sum(dim=-1)
 
 
 def mopd_loss(
@@ -261,11 +275,13 @@ def mopd_loss(
             the sampled teacher term. Ignored by ``teacher_kl="topk"``, whose student side is
             ``student_topk_logp_BTK`` as given.
         teacher_kl: ``sampled`` (default, the report's term logp_teacher - logp_student at the
-            sampled token) or ``topk``: the term becomes -topk_reverse_kl(teacher_topk_logp_BTK,
-            student_topk_logp_BTK), the negated reverse KL over the teacher's top-k support with
-            both sides renormalised, under stop-gradient.
+            sampled token, inside the stop-gradient advantage) or ``topk``: the loss adds
+            w_t * topk_reverse_kl(teacher_topk_logp_BTK, student_topk_logp_BTK) per token, the
+            reverse KL over the teacher's top-k support with both sides renormalised,
+            differentiated through ``student_topk_logp_BTK`` (see the module docstring).
         teacher_topk_logp_BTK: [B, T, K] teacher log-probs of its top-k ids (``topk`` only).
-        student_topk_logp_BTK: [B, T, K] student log-probs at those ids (``topk`` only).
+        student_topk_logp_BTK: [B, T, K] student log-probs at those ids (``topk`` only; they
+            receive a gradient).
         domains_B: optional domain name per sample; adds per-domain metrics named
             ``<metric>/<domain>`` for teacher_log_ratio, masked_fraction, is_ratio_abs_dev,
             orm_adv_mean and num_tokens (each equal to that metric over the domain's samples).
@@ -327,19 +343,26 @@ def mopd_loss(
             assert logp_teacher_BT is not None
             logp_student_c = logp_train_c if student_logprob_source == "train" else logp_rollout_c
             teacher_term_BT = _clean(logp_teacher_BT, valid_BT) - logp_student_c
-        else:
-            assert teacher_topk_logp_BTK is not None and student_topk_logp_BTK is not None
-            teacher_term_BT = -topk_reverse_kl(teacher_topk_logp_BTK, student_topk_logp_BTK)
-            bad = (~torch.isfinite(teacher_term_BT) & valid_BT).any()
-            if bool(bad):
-                raise ValueError(
-                    "the top-k reverse KL is not finite on some valid tokens: each needs at "
-                    "least one finite teacher top-k log-prob and finite student log-probs there"
-                )
+    kl_BT = None
+    if teacher_kl == "topk":
+        assert teacher_topk_logp_BTK is not None and student_topk_logp_BTK is not None
+        kl_BT = topk_reverse_kl(teacher_topk_logp_BTK, student_topk_logp_BTK)
+        if bool((~torch.isfinite(kl_BT.detach()) & valid_BT).any()):
+            raise ValueError(
+                "the top-k reverse KL is not finite on some valid tokens: each needs at "
+                "least one finite teacher top-k log-prob and finite student log-probs there"
+            )
+        kl_BT = _clean(kl_BT, valid_BT)  # a loss term: the student's top-k side is differentiated
+        teacher_term_BT = -kl_BT.detach()
+    with torch.no_grad():
         teacher_term_BT = _clean(teacher_term_BT, valid_BT)
-        adv_BT = _clean(teacher_term_BT + alpha * adv_orm_BT, valid_BT)
+        # The top-k term is a loss term of its own (below), not part of the advantage.
+        sampled_term_BT = teacher_term_BT if kl_BT is None else torch.zeros_like(teacher_term_BT)
+        adv_BT = _clean(sampled_term_BT + alpha * adv_orm_BT, valid_BT)
 
     per_token_BT = -(w_BT * adv_BT) * logp_train_c
+    if kl_BT is not None:
+        per_token_BT = per_token_BT + w_BT * kl_BT
     loss = aggregate(per_token_BT, valid_BT, aggregation)
 
     with torch.no_grad():

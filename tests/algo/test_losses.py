@@ -56,11 +56,13 @@ def ref_mopd(
             if topk is None:
                 student = lt[b, t] if source == "train" else lr[b, t]
                 teacher_term = (lte[b, t].float() - student.float()).detach()
-            else:
+                a_t = teacher_term + alpha * adv[b].detach().float()
+                sample.append(-(w * a_t * lt[b, t].float()))
+            else:  # the top-k reverse KL is a loss term of its own, next to the ORM term
                 t_k, s_k = topk[0][b, t].tolist(), topk[1][b, t].tolist()
-                teacher_term = torch.tensor(-ref_topk_kl(t_k, s_k))
-            a_t = teacher_term + alpha * adv[b].detach().float()
-            sample.append(-(w * a_t * lt[b, t].float()))
+                kl = torch.tensor(ref_topk_kl(t_k, s_k))
+                orm = -(w * alpha * adv[b].detach().float() * lt[b, t].float())
+                sample.append(orm + w * kl)
         terms.append(sample)
     return ref_reduce(terms, aggregation)
 
@@ -308,8 +310,32 @@ def test_mopd_topk_matches_reference(aggregation, padded) -> None:
     loss.backward()
     expected.backward()
     torch.testing.assert_close(lt1.grad, lt2.grad, **TOL)
-    assert t1.grad is None and s1.grad is None
+    assert t1.grad is None  # the teacher is a constant
+    assert s1.grad is not None and s1.grad.abs().sum() > 0  # the student's top-k side learns
     assert m["teacher_log_ratio"] < 0  # -KL
+
+
+def test_mopd_topk_full_support_gradient_is_the_exact_reverse_kl_gradient() -> None:
+    # K = V, alpha = 0, one token: the loss is KL(student || teacher) of the position, so its
+    # gradient in the student's logits is the closed form q * (log q - log p - KL).
+    gen = torch.Generator().manual_seed(12)
+    V = 7
+    teacher_V = torch.randn(V, generator=gen).log_softmax(-1)
+    logits_V = torch.randn(V, generator=gen).requires_grad_()
+    student_V = logits_V.log_softmax(-1)
+    one = torch.ones(1, 1, dtype=torch.bool)
+    loss, m = mopd_loss(
+        torch.zeros(1, 1), torch.zeros(1, 1), None, torch.zeros(1), one, alpha=0.0,
+        teacher_kl="topk", teacher_topk_logp_BTK=teacher_V.view(1, 1, V),
+        student_topk_logp_BTK=student_V.view(1, 1, V),
+    )  # fmt: skip
+    loss.backward()
+    q = student_V.detach().exp()
+    kl = float((q * (student_V.detach() - teacher_V)).sum())
+    expected = q * (student_V.detach() - teacher_V - kl)
+    torch.testing.assert_close(logits_V.grad, expected, rtol=1e-5, atol=1e-6)
+    assert float(loss.detach()) == pytest.approx(kl, rel=1e-5)
+    assert m["teacher_log_ratio"] == pytest.approx(-kl, rel=1e-5)
 
 
 def test_mopd_topk_full_support_is_exact_reverse_kl() -> None:

@@ -197,3 +197,80 @@ def test_bad_micro_batches_fail_clearly(tiny_models, make_trainer):
         make_trainer(path, algorithm=AlgorithmConfig(loss="rl", kl_coef=0.1))
     with pytest.raises(FileNotFoundError, match="not a local checkpoint folder"):
         make_trainer(path / "missing")
+
+
+def _with_teacher_topk(samples, teacher, k: int):
+    """The samples with ``teacher``'s top-k log-probs and ids at every response position."""
+    out = []
+    for s in samples:
+        tokens = np.concatenate([s.sample.prompt.input_ids_P, s.sample.response_ids_T])
+        with torch.no_grad():
+            logits = teacher(input_ids=torch.from_numpy(tokens.astype(np.int64))[None]).logits[0]
+        P = s.sample.prompt.input_ids_P.shape[0]
+        top = torch.log_softmax(logits[P - 1 : -1].float(), -1).topk(k, dim=-1)
+        out.append(
+            dataclasses.replace(
+                s,
+                teacher_topk_logp_TK=top.values.numpy(),
+                teacher_topk_ids_TK=top.indices.numpy().astype(np.int32),
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("k", [8, 259])
+def test_topk_teacher_kl_trains_the_students_distribution(tiny_models, make_trainer, k):
+    """teacher_kl=topk: the trainer's loss and gradient are mopd_loss(teacher_kl=topk) on the
+    model's own log-softmax at the teacher's ids (autograd through the HF model, no replay)."""
+    path, teacher_path = tiny_models["qwen3_moe"], tiny_models["llama"]
+    hf = load_hf(path)
+    samples = _with_teacher_topk(
+        make_samples(hf, 4, seed=5, routes=False), load_hf(teacher_path), k
+    )
+    mb = build_micro_batch(samples)
+    assert mb.teacher_topk_logp_NK is not None and mb.teacher_topk_logp_NK.shape[1] == k
+    algo = AlgorithmConfig(alpha=0.5, teacher_kl="topk")
+    trainer = make_trainer(path, algorithm=algo, routing_replay=False)
+    metrics = trainer.forward_backward([mb])
+
+    ref_model = load_hf(path).train()
+    B, T = len(samples), max(s.sample.response_ids_T.shape[0] for s in samples)
+    logp = torch.zeros(B, T)
+    rollout = torch.zeros(B, T)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    t_topk = torch.zeros(B, T, k)
+    s_topk = torch.zeros(B, T, k)
+    for b, s in enumerate(samples):
+        tokens = np.concatenate([s.sample.prompt.input_ids_P, s.sample.response_ids_T])
+        P, n = s.sample.prompt.input_ids_P.shape[0], s.sample.response_ids_T.shape[0]
+        logits = ref_model(input_ids=torch.from_numpy(tokens.astype(np.int64))[None]).logits[0]
+        lsm = torch.log_softmax(logits[P - 1 : -1].float(), -1)
+        resp = torch.from_numpy(s.sample.response_ids_T.astype(np.int64))
+        logp = logp.index_put(
+            (torch.tensor([b]), torch.arange(n)), lsm.gather(1, resp[:, None])[:, 0]
+        )
+        ids = torch.from_numpy(s.teacher_topk_ids_TK.astype(np.int64))
+        s_topk = s_topk.index_put((torch.tensor([b]), torch.arange(n)), lsm.gather(1, ids))
+        t_topk[b, :n] = torch.from_numpy(s.teacher_topk_logp_TK)
+        rollout[b, :n] = torch.from_numpy(s.sample.logp_rollout_T.astype(np.float32))
+        mask[b, :n] = True
+    adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
+    ref, ref_m = mopd_loss(
+        logp, rollout, None, adv, mask, alpha=0.5, teacher_kl="topk",
+        teacher_topk_logp_BTK=t_topk, student_topk_logp_BTK=s_topk,
+    )  # fmt: skip
+    ref.backward()
+    assert metrics["loss"] == pytest.approx(float(ref.detach()), abs=1e-6)
+    assert metrics["teacher_log_ratio"] == pytest.approx(ref_m["teacher_log_ratio"], abs=1e-5)
+    assert ref_m["teacher_log_ratio"] < 0  # -KL to a different model
+    g_ref = grads(ref_model)
+    assert max_diff(grads(trainer.model), g_ref) < 1e-5
+    assert max(float(g.abs().max()) for g in g_ref.values()) > 1e-3  # a real gradient
+
+
+def test_topk_teacher_kl_without_topk_logprobs_fails_clearly(tiny_models, make_trainer):
+    path = tiny_models["qwen3_moe"]
+    mb = build_micro_batch(make_samples(load_hf(path), 2, seed=6, routes=False))
+    trainer = make_trainer(path, algorithm=AlgorithmConfig(teacher_kl="topk"), routing_replay=False)
+    with pytest.raises(ValueError, match=r"teachers\[\*\]\.top_logprobs"):
+        trainer.forward_backward([mb])

@@ -455,7 +455,7 @@ class MegatronTrainer:
                 agree[0] += hits
                 agree[1] += total
                 logits_MV, logp_BT = loss_logprobs(logits_NV, b)
-                loss, lm = self._loss(logp_BT, b)
+                loss, lm = self._loss(logp_BT, b, logits_MV)
                 self._replay_backward()
                 (loss * (weight * self.par.dp)).backward()
             finally:
