@@ -224,6 +224,7 @@ class Driver:
             seed=cfg.run.seed,
             advantage=cfg.algorithm.advantage,
             advantage_eps=cfg.algorithm.advantage_eps,
+            dense_signal=cfg.algorithm.loss == "mopd",
         )
         self.rewards = self._start_rewards()
         self.trainer = self._start_trainer()

@@ -154,7 +154,8 @@ class DataSourceConfig:
     max_response_tokens: int | None = None
     """Response limit for this source; defaults to rollout.sampling.max_new_tokens."""
     dynamic_sampling: bool = True
-    """Drop groups whose rewards are all equal (no learning signal) and draw replacements."""
+    """Drop groups whose rewards are all equal (no learning signal) and draw replacements.
+    RL only: in MOPD the teacher term gives every token a signal, so no group is dropped."""
     num_eval_prompts: int = 0
     """Held-out prompts of this source used for evaluation (0: no evaluation)."""
 

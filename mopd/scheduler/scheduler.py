@@ -158,6 +158,8 @@ class DataScheduler:
         base_dir: folder that relative source file paths resolve against.
         history_size: prompts whose pass-rate history is kept (oldest forgotten first).
         pass_rate_window: recent groups per source behind the ``pass_rate`` metric.
+        dense_signal: the loss has a per-token signal besides the rewards (MOPD's teacher
+            term): groups with equal rewards are kept even under dynamic sampling.
     """
 
     def __init__(
@@ -172,6 +174,7 @@ class DataScheduler:
         base_dir: str | Path | None = None,
         history_size: int = 100_000,
         pass_rate_window: int = 100,
+        dense_signal: bool = False,
     ) -> None:
         if not sources:
             raise SchedulerError("no data source; add at least one to data.sources")
@@ -200,6 +203,7 @@ class DataScheduler:
         self._tokenize = tokenize
         self._advantage = advantage
         self._eps = advantage_eps
+        self._dense_signal = dense_signal
         self._sources: dict[str, PromptSource] = {
             name: build_source(cfg, seed=seed, base_dir=base_dir) for name, cfg in self._cfg.items()
         }
@@ -381,8 +385,10 @@ class DataScheduler:
         self._recent[name].append(sum(rewards_G) / len(rewards_G))
         self._record_history(group.item_key, rewards_G)
 
+        # Equal rewards leave the ORM advantage at zero; with a dense per-token signal (MOPD's
+        # teacher term) the group still teaches, so dynamic sampling keeps it.
         no_signal = len(rewards_G) > 1 and all(r == rewards_G[0] for r in rewards_G)
-        if no_signal and self._cfg[name].dynamic_sampling:
+        if no_signal and self._cfg[name].dynamic_sampling and not self._dense_signal:
             stats.dropped_no_signal += 1
             self._owed[name] += 1
             return []

@@ -189,6 +189,16 @@ def test_dynamic_sampling_drops_no_signal_groups_and_replaces_them():
     g = keep.next_groups(1)[0]
     scored = keep.complete_group(rollout(g), [1.0] * 4)
     assert [s.advantage for s in scored] == [0.0] * 4
+    # With a dense signal (MOPD's teacher term) equal rewards still teach: kept, zero ORM
+    # advantage, no replacement owed.
+    dense = DataScheduler(
+        [sum_source()], SchedulerConfig(), tokenize=tokenize, seed=0, dense_signal=True
+    )
+    g = dense.next_groups(1)[0]
+    assert [s.advantage for s in dense.complete_group(rollout(g), [1.0] * 4)] == [0.0] * 4
+    m = dense.metrics()
+    assert m["scheduler/source/sum/dropped_no_signal"] == 0
+    assert m["scheduler/replacements_owed"] == 0
     # A group of one sample is never "no signal" (it has no baseline at all).
     single = make([sum_source(group_size=1)])
     g = single.next_groups(1)[0]
