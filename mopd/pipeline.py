@@ -3,7 +3,8 @@
 ``mopd pipeline CONFIG [key=value ...] [--resume]`` runs, one after another:
 
     init      the initial checkpoint: an existing model, or a tiny random MiMo-V2-Flash-style
-              model (with its tokenizer) built by the pipeline
+              model built by the pipeline, with a character tokenizer learned from the
+              sources' training texts (``init.tokenizer: data``) or a byte-level one
     sft       stage 1: the student learns the reference answers of every domain (a mixture)
     teachers  stage 2: one teacher per domain, trained from the SFT student on that domain
               only, by RL with the domain's outcome reward (GRPO-style, R3 on) or by SFT;
@@ -56,6 +57,7 @@ from mopd.tracking import MODEL_URI_PREFIX, MLflowTracker, default_tracking_uri,
 log = logging.getLogger("mopd.pipeline")
 
 TEACHER_METHODS = ("rl", "sft")
+INIT_TOKENIZERS = ("data", "bytes")
 EXECUTORS = ("local", "ray_job")
 STATE_FILE = "pipeline_state.json"
 RESULTS_MD = "results.md"
@@ -106,7 +108,12 @@ class InitStage:
     model: str | None = None
     """An existing checkpoint (folder or models:/name/version); unset builds ``tiny``."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    """The tiny random model to build when ``model`` is unset (with a byte-level tokenizer)."""
+    """The tiny random model to build when ``model`` is unset."""
+    tokenizer: str = "data"
+    """Tokenizer of the tiny model: data (a character vocabulary learned, with the tokenizers
+    library, from the training texts of ``base.data.sources``) or bytes (byte-level, 259 ids)."""
+    tokenizer_samples: int = 5000
+    """Training items (prompt and reference answer) per source that the data tokenizer learns from."""
 
 
 @dataclass
@@ -301,6 +308,16 @@ def _check(plan: Plan) -> list[str]:
     problems: list[str] = []
     if not cfg.pipeline.name.strip():
         problems.append("pipeline.name: empty; name the pipeline")
+    if cfg.init.model is None and cfg.init.tokenizer not in INIT_TOKENIZERS:
+        problems.append(
+            f"init.tokenizer: bad value {cfg.init.tokenizer!r}; accepted: "
+            f"{', '.join(INIT_TOKENIZERS)}"
+        )
+    if cfg.init.model is None and cfg.init.tokenizer_samples < 1:
+        problems.append(
+            f"init.tokenizer_samples: {cfg.init.tokenizer_samples} must be >= 1 (training "
+            "items per source the data tokenizer learns from)"
+        )
     if cfg.init.model is None and cfg.init.tiny.arch not in ARCHS:
         problems.append(
             f"init.tiny.arch: bad value {cfg.init.tiny.arch!r}; accepted: {', '.join(ARCHS)}"
@@ -615,9 +632,27 @@ def _init_model(plan: Plan) -> str:
     path = plan.output_dir / "init"
     if not (path / "config.json").exists():
         tiny = init.tiny
+        texts = _tokenizer_texts(plan) if init.tokenizer == "data" else None
         log.info("building a tiny random %s model in %s", tiny.arch, path)
-        build_tiny_checkpoint(path, tiny.arch, seed=plan.config.pipeline.seed, **tiny.config)
+        build_tiny_checkpoint(
+            path, tiny.arch, seed=plan.config.pipeline.seed, tokenizer_texts=texts, **tiny.config
+        )
     return str(path)
+
+
+def _tokenizer_texts(plan: Plan) -> list[str]:
+    """Prompts and reference answers of the first ``init.tokenizer_samples`` training items of
+    every source, drawn as the stages draw them (same seed)."""
+    from mopd.scheduler.sources import build_source
+
+    texts = []
+    for src in plan.base_run.data.sources:
+        source = build_source(src, seed=plan.config.pipeline.seed)
+        for _ in range(plan.config.init.tokenizer_samples):
+            item = source.next_item()
+            texts.append(item.text)
+            texts.append(item.answer or "")
+    return texts
 
 
 def _given_model(cfg: PipelineConfig, stage: str) -> str | None:

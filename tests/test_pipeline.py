@@ -93,6 +93,8 @@ def test_resolved_pipeline_config_loads_again(tmp_path: Path):
             "stages.mopd (run quickstart-mopd): algorithm.eps_low",
         ),
         (["init.tiny.arch=gpt9"], "init.tiny.arch: bad value 'gpt9'"),
+        (["init.tokenizer=bpe"], "init.tokenizer: bad value 'bpe'"),
+        (["init.tokenizer_samples=0"], "init.tokenizer_samples: 0 must be >= 1"),
         (["base.tracking.enabled=false"], "base.tracking.enabled"),
         (["stages.teachers=[]"], "stages.teachers: no teacher for domain(s)"),
     ],
@@ -121,8 +123,9 @@ SHORT = [
     "base.data.sources.1.dynamic_sampling=false",
     "stages.sft.overrides.trainer.steps=3",
     "stages.sft.overrides.scheduler.prompts_per_step=16",
-    # one teacher by RL (GRPO-style, R3), one by SFT: both methods run
+    # one teacher by RL (GRPO-style, R3; the quick start's method), one by SFT: both methods run
     "stages.teachers.0.method=rl",
+    "stages.teachers.1.method=sft",
     "stages.teachers.0.overrides={trainer: {steps: 2, lr: 1e-4, min_lr: 1e-5}, scheduler: {prompts_per_step: 4}}",
     "stages.teachers.1.overrides.trainer.steps=2",
     "stages.teachers.1.overrides.scheduler.prompts_per_step=16",
@@ -156,6 +159,14 @@ def test_short_pipeline_runs_to_the_end_and_resumes(tmp_path: Path, capsys):
             acc["mopd"][d] - acc[f"teacher-{d}"][d]
         )
     assert acc["teacher-arithmetic"]["spelling"] is None  # a teacher is rated on its domain
+
+    # The student's tokenizer was learned from the sources' texts: one id per character.
+    init_tok = json.loads((out / "init" / "tokenizer.json").read_text())
+    vocab = init_tok["model"]["vocab"]
+    assert not init_tok["model"]["merges"] and 4 + 13 < len(vocab) < 100  # bytes: 259
+    assert set("0123456789+-=") <= set(vocab) and "rev:" not in vocab
+    init_cfg = json.loads((out / "init" / "config.json").read_text())
+    assert init_cfg["vocab_size"] == len(vocab)
 
     # The plot, the MOPD model, the registered teachers.
     width, height = _png_size(out / "mopd_progress.png")

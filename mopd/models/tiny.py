@@ -5,8 +5,16 @@ A checkpoint here is a real HF directory: ``config.json``, ``model.safetensors``
 that ``AutoTokenizer`` / ``AutoModelForCausalLM.from_pretrained`` load offline. Every engine
 and trainer in the project can therefore run on it exactly as on a hub model.
 
-The tokenizer is byte-level with no merges: ids 0-2 are ``<pad>``, ``<bos>``, ``<eos>`` and
-ids 3-258 are the 256 bytes, so any text round-trips and any id sequence decodes.
+Tokenizers (HF ``tokenizers``, saved as ``tokenizer.json``), ids 0-2 always ``<pad>``,
+``<bos>``, ``<eos>``:
+
+- byte-level (default): ids 3-258 are the 256 bytes, no merges, so any text round-trips and
+  any id sequence decodes;
+- built from data (``tokenizer_texts``): ``train_char_tokenizer`` learns a character
+  vocabulary from the texts with the tokenizers library's BPE trainer and no merges; id 3 is
+  ``<unk>`` (characters the texts never showed), then one id per character. A model whose
+  task texts use 30 characters gets a vocabulary of ~34 instead of 259, and every character
+  stays one token (what spelling and digit tasks need).
 
 Weights are drawn from ``seed`` alone (same seed, same bytes). Two choices keep numerical
 tests meaningful: a wider initialisation than HF's default (logits and router scores spread
@@ -26,13 +34,13 @@ Architectures (``arch``):
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["ARCHS", "build_tiny_checkpoint", "tiny_config"]
+__all__ = ["ARCHS", "build_tiny_checkpoint", "tiny_config", "train_char_tokenizer"]
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 _NUM_SPECIAL = 3
@@ -165,9 +173,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars), strict=True))
 
 
-def _save_tokenizer(path: Path) -> None:
+def _byte_tokenizer() -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": PAD_ID, "<bos>": BOS_ID, "<eos>": EOS_ID}
     for byte, char in sorted(_bytes_to_unicode().items()):
@@ -175,13 +182,46 @@ def _save_tokenizer(path: Path) -> None:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        model_max_length=512,
+    return tok
+
+
+UNK = "<unk>"
+
+
+def train_char_tokenizer(texts: Iterable[str]) -> Any:
+    """A character-level ``tokenizers.Tokenizer`` learned from ``texts``.
+
+    The BPE trainer of the tokenizers library collects the alphabet of the texts; with the
+    vocabulary capped at specials + alphabet it learns no merges, so every character is one
+    token. Ids: ``<pad>`` 0, ``<bos>`` 1, ``<eos>`` 2, ``<unk>`` 3, then the characters in
+    the trainer's order. Characters outside the texts encode as ``<unk>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, trainers
+
+    texts = [t for t in texts if t]
+    alphabet = set().union(*(set(t) for t in texts)) if texts else set()
+    if not alphabet:
+        raise ValueError("train_char_tokenizer needs at least one non-empty text")
+    specials = ["<pad>", "<bos>", "<eos>", UNK]
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(specials) + len(alphabet),
+        special_tokens=specials,
+        limit_alphabet=len(alphabet),
+        show_progress=False,
     )
+    tok.train_from_iterator(texts, trainer)
+    tok.decoder = decoders.Fuse()  # characters join without separators
+    return tok
+
+
+def _save_tokenizer(path: Path, tok: Any) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    special = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>"}
+    if tok.token_to_id(UNK) is not None:
+        special["unk_token"] = UNK
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, **special)
     fast.save_pretrained(str(path))
 
 
@@ -199,7 +239,12 @@ def _widen_routers(model: torch.nn.Module, gen: torch.Generator) -> None:
 
 
 def build_tiny_checkpoint(
-    path: str | Path, arch: str = "mimo_v2_flash", seed: int = 0, **overrides: Any
+    path: str | Path,
+    arch: str = "mimo_v2_flash",
+    seed: int = 0,
+    *,
+    tokenizer_texts: Iterable[str] | None = None,
+    **overrides: Any,
 ) -> Path:
     """Write a tiny random HF checkpoint of ``arch`` (fp32) with its tokenizer to ``path``.
 
@@ -207,6 +252,8 @@ def build_tiny_checkpoint(
         path: output directory (created; existing files are overwritten).
         arch: one of ``ARCHS``.
         seed: weights are a function of the seed only.
+        tokenizer_texts: texts to learn a character tokenizer from (``train_char_tokenizer``;
+            the model's ``vocab_size`` follows it); None gives the byte-level tokenizer.
         **overrides: config fields to replace (e.g. ``num_hidden_layers=6``).
 
     Returns:
@@ -215,8 +262,16 @@ def build_tiny_checkpoint(
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    tok = _byte_tokenizer() if tokenizer_texts is None else train_char_tokenizer(tokenizer_texts)
+    if tokenizer_texts is not None:
+        if "vocab_size" in overrides:
+            raise ValueError(
+                "build_tiny_checkpoint: vocab_size comes from the tokenizer learned from "
+                "tokenizer_texts; drop the vocab_size override"
+            )
+        overrides = {**overrides, "vocab_size": tok.get_vocab_size()}
     config = tiny_config(arch, **overrides)
+    path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _widen_routers(model, torch.Generator().manual_seed(seed + 1))
@@ -224,6 +279,6 @@ def build_tiny_checkpoint(
     GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID).save_pretrained(
         str(path)
     )
-    _save_tokenizer(path)
+    _save_tokenizer(path, tok)
     (path / "mopd_tiny.json").write_text(json.dumps({"arch": arch, "seed": seed}) + "\n")
     return path
