@@ -33,6 +33,21 @@ def _as(arr: Any, dtype: Any, name: str, ndim: int) -> np.ndarray:
     return out
 
 
+def _set_topk_pair(obj: Any, logp: str, ids: str, rows: str, n: int, ids_dtype: Any) -> None:
+    """Check and normalise a frozen dataclass's teacher top-k pair: both fields or neither,
+    float32 log-probs and integer ids of one shape [n, K]."""
+    lp_arr, ids_arr = getattr(obj, logp), getattr(obj, ids)
+    _check((lp_arr is None) == (ids_arr is None), f"{logp} and {ids} go together")
+    if lp_arr is None:
+        return
+    lp_arr = _as(lp_arr, FLOAT, logp, 2)
+    ids_arr = _as(ids_arr, ids_dtype, ids, 2)
+    _check(lp_arr.shape[0] == n, f"{logp} must be [{rows}={n}, K], got shape {lp_arr.shape}")
+    _check(ids_arr.shape == lp_arr.shape, f"{ids} must have the shape of {logp}")
+    object.__setattr__(obj, logp, lp_arr)
+    object.__setattr__(obj, ids, ids_arr)
+
+
 @dataclass(frozen=True)
 class Prompt:
     """One prompt handed out by the data scheduler.
@@ -194,17 +209,7 @@ class ScoredSample:
             lt = _as(self.logp_teacher_T, FLOAT, "logp_teacher_T", 1)
             _check(lt.shape[0] == t, f"logp_teacher_T has {lt.shape[0]} entries for {t} tokens")
             object.__setattr__(self, "logp_teacher_T", lt)
-        topk = (self.teacher_topk_logp_TK, self.teacher_topk_ids_TK)
-        _check(
-            (topk[0] is None) == (topk[1] is None),
-            "teacher_topk_logp_TK and teacher_topk_ids_TK go together",
-        )
-        if topk[0] is not None:
-            lp = _as(topk[0], FLOAT, "teacher_topk_logp_TK", 2)
-            ids = _as(topk[1], INT_TOKENS, "teacher_topk_ids_TK", 2)
-            _check(lp.shape == ids.shape and lp.shape[0] == t, "top-k arrays must both be [T, K]")
-            object.__setattr__(self, "teacher_topk_logp_TK", lp)
-            object.__setattr__(self, "teacher_topk_ids_TK", ids)
+        _set_topk_pair(self, "teacher_topk_logp_TK", "teacher_topk_ids_TK", "T", t, INT_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -266,20 +271,7 @@ class MicroBatch:
                 arr = _as(value, FLOAT, name, 1)
                 _check(arr.shape[0] == n, f"{name} must be [N={n}]")
                 object.__setattr__(self, name, arr)
-        topk = (self.teacher_topk_logp_NK, self.teacher_topk_ids_NK)
-        _check(
-            (topk[0] is None) == (topk[1] is None),
-            "teacher_topk_logp_NK and teacher_topk_ids_NK go together",
-        )
-        if topk[0] is not None:
-            lp = _as(topk[0], FLOAT, "teacher_topk_logp_NK", 2)
-            ids = _as(topk[1], np.int32, "teacher_topk_ids_NK", 2)
-            _check(lp.shape[0] == n, f"teacher_topk_logp_NK must be [N={n}, K]")
-            _check(
-                ids.shape == lp.shape, "teacher_topk_ids_NK must have the shape of the log-probs"
-            )
-            object.__setattr__(self, "teacher_topk_logp_NK", lp)
-            object.__setattr__(self, "teacher_topk_ids_NK", ids)
+        _set_topk_pair(self, "teacher_topk_logp_NK", "teacher_topk_ids_NK", "N", n, np.int32)
         if self.versions_N is not None:
             ver = _as(self.versions_N, np.int32, "versions_N", 1)
             _check(ver.shape[0] == n, f"versions_N must be [N={n}]")

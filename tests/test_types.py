@@ -74,6 +74,19 @@ def test_scored_sample_checks_teacher_arrays():
         ScoredSample(s, 1.0, 0.5, logp_teacher_T=np.zeros(5))
     with pytest.raises(ValueError, match="go together"):
         ScoredSample(s, 1.0, 0.5, teacher_topk_logp_TK=np.zeros((4, 2)))
+    topk = ScoredSample(
+        s, 1.0, 0.5, teacher_topk_logp_TK=np.zeros((4, 2)), teacher_topk_ids_TK=np.ones((4, 2))
+    )
+    assert topk.teacher_topk_logp_TK.dtype == np.float32
+    assert topk.teacher_topk_ids_TK.dtype == np.int32
+    with pytest.raises(ValueError, match=r"teacher_topk_logp_TK must be \[T=4, K\]"):
+        ScoredSample(
+            s, 1.0, 0.5, teacher_topk_logp_TK=np.zeros((5, 2)), teacher_topk_ids_TK=np.ones((5, 2))
+        )
+    with pytest.raises(ValueError, match="teacher_topk_ids_TK must have the shape"):
+        ScoredSample(
+            s, 1.0, 0.5, teacher_topk_logp_TK=np.zeros((4, 2)), teacher_topk_ids_TK=np.ones((4, 3))
+        )
 
 
 def test_micro_batch_checks_packing():
@@ -93,6 +106,15 @@ def test_micro_batch_checks_packing():
         MicroBatch(np.arange(n), [0, 3, 6], np.zeros(n), np.zeros(n), [1.0, 1.0])
     with pytest.raises(ValueError, match="adv_orm_B has 1 entries for 2 sequences"):
         MicroBatch(np.arange(n), [0, 3, 7], np.zeros(n), np.zeros(n), [1.0])
+    args = (np.arange(n), [0, 3, 7], np.zeros(n), np.zeros(n), [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"teacher_topk_logp_NK must be \[N=7, K\]"):
+        MicroBatch(
+            *args, teacher_topk_logp_NK=np.zeros((6, 2)), teacher_topk_ids_NK=np.ones((6, 2))
+        )
+    with pytest.raises(
+        ValueError, match="teacher_topk_logp_NK and teacher_topk_ids_NK go together"
+    ):
+        MicroBatch(*args, teacher_topk_ids_NK=np.ones((7, 2)))
     with pytest.raises(ValueError, match="strictly increasing"):
         MicroBatch(np.arange(n), [0, 3, 3, 7], np.zeros(n), np.zeros(n), [1.0, 1.0, 1.0])
 
