@@ -33,7 +33,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mopd.algo import entropy_from_logits, kl_k1, selective_log_softmax, train_rollout_mismatch
+from mopd.algo import (
+    entropy_from_logits,
+    gather_log_softmax,
+    kl_k1,
+    selective_log_softmax,
+    train_rollout_mismatch,
+)
 from mopd.algo.registry import LOSSES, lookup
 from mopd.config.schema import AlgorithmConfig
 from mopd.types import MicroBatch
@@ -182,7 +188,7 @@ def _topk_pair(b: PackedBatch, logits_MV: torch.Tensor | None) -> dict[str, torc
     if logits_MV is None:
         raise ValueError("teacher_kl=topk needs the loss tokens' logits (from loss_logprobs)")
     ids_MK = b.teacher_topk_ids_BTK[b.seq_M, b.pos_M]
-    student_MK = logits_MV.float().log_softmax(dim=-1).gather(-1, ids_MK)
+    student_MK = gather_log_softmax(logits_MV, ids_MK)  # chunked: no [M, V] fp32 copy
     student_BTK = torch.zeros_like(b.teacher_topk_logp_BTK).index_put(
         (b.seq_M, b.pos_M), student_MK
     )
