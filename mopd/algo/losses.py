@@ -338,13 +338,14 @@ def mopd_loss(
         logp_train_c - logp_rollout_c, valid_BT, eps_low, eps_high
     )
 
-    with torch.no_grad():
-        if teacher_kl == "sampled":
-            assert logp_teacher_BT is not None
+    kl_BT = None
+    if teacher_kl == "sampled":
+        assert logp_teacher_BT is not None
+        with torch.no_grad():
             logp_student_c = logp_train_c if student_logprob_source == "train" else logp_rollout_c
             teacher_term_BT = _clean(logp_teacher_BT, valid_BT) - logp_student_c
-    kl_BT = None
-    if teacher_kl == "topk":
+            adv_BT = _clean(teacher_term_BT + alpha * adv_orm_BT, valid_BT)
+    else:
         assert teacher_topk_logp_BTK is not None and student_topk_logp_BTK is not None
         kl_BT = topk_reverse_kl(teacher_topk_logp_BTK, student_topk_logp_BTK)
         if bool((~torch.isfinite(kl_BT.detach()) & valid_BT).any()):
@@ -354,11 +355,8 @@ def mopd_loss(
             )
         kl_BT = _clean(kl_BT, valid_BT)  # a loss term: the student's top-k side is differentiated
         teacher_term_BT = -kl_BT.detach()
-    with torch.no_grad():
-        teacher_term_BT = _clean(teacher_term_BT, valid_BT)
         # The top-k term is a loss term of its own (below), not part of the advantage.
-        sampled_term_BT = teacher_term_BT if kl_BT is None else torch.zeros_like(teacher_term_BT)
-        adv_BT = _clean(sampled_term_BT + alpha * adv_orm_BT, valid_BT)
+        adv_BT = _clean(alpha * adv_orm_BT, valid_BT).detach()
 
     per_token_BT = -(w_BT * adv_BT) * logp_train_c
     if kl_BT is not None:
