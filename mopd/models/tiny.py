@@ -199,7 +199,7 @@ def train_char_tokenizer(texts: Iterable[str]) -> Any:
     from tokenizers import Tokenizer, decoders, models, trainers
 
     texts = [t for t in texts if t]
-    alphabet = set().union(*(set(t) for t in texts)) if texts else set()
+    alphabet = set("".join(texts))
     if not alphabet:
         raise ValueError("train_char_tokenizer needs at least one non-empty text")
     specials = ["<pad>", "<bos>", "<eos>", UNK]
@@ -262,13 +262,15 @@ def build_tiny_checkpoint(
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
-    tok = _byte_tokenizer() if tokenizer_texts is None else train_char_tokenizer(tokenizer_texts)
-    if tokenizer_texts is not None:
+    if tokenizer_texts is None:
+        tok = _byte_tokenizer()
+    else:
         if "vocab_size" in overrides:
             raise ValueError(
                 "build_tiny_checkpoint: vocab_size comes from the tokenizer learned from "
                 "tokenizer_texts; drop the vocab_size override"
             )
+        tok = train_char_tokenizer(tokenizer_texts)
         overrides = {**overrides, "vocab_size": tok.get_vocab_size()}
     config = tiny_config(arch, **overrides)
     path.mkdir(parents=True, exist_ok=True)
