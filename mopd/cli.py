@@ -115,7 +115,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     import logging
 
-    from mopd.driver import RunError, train
+    from mopd.run import RunError, train
 
     run = _load(args)
     if run is None:

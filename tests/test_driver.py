@@ -22,7 +22,7 @@ import yaml
 from mlflow import MlflowClient
 
 from mopd.config import load_config
-from mopd.driver import RunError, train, trained_log, trained_sample_ids
+from mopd.run import RunError, train, trained_log, trained_sample_ids
 from mopd.models.tiny import build_tiny_checkpoint
 from mopd.scheduler.redis_server import EmbeddedRedis, connect
 from mopd.scheduler.stream import TrainingStream

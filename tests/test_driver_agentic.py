@@ -10,7 +10,7 @@ import yaml
 
 from envs.agentic import TASKS_DIR
 from mopd.config import load_config
-from mopd.driver import train, trained_sample_ids
+from mopd.run import train, trained_sample_ids
 from mopd.models.tiny import build_tiny_checkpoint
 
 pytestmark = pytest.mark.timeout(900)

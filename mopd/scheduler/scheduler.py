@@ -439,6 +439,13 @@ class DataScheduler:
         """In-flight groups handed out under an older policy version than the current one."""
         return [gid for gid, g in self._rolling.items() if g.version < self._version]
 
+    def too_stale_groups(self, current_version: int) -> list[str]:
+        """In-flight groups handed out more than ``max_staleness`` versions before
+        ``current_version``: none of their samples could ever train (async mode cancels and
+        re-dispatches them)."""
+        limit = self.config.max_staleness
+        return [gid for gid, g in self._rolling.items() if current_version - g.version > limit]
+
     def staleness(self, sample: ScoredSample | RolloutSample, current_version: int) -> int:
         """current_version - oldest token version of the sample."""
         return int(sample_staleness(current_version, torch.from_numpy(_versions(sample))))
