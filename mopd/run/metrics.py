@@ -38,7 +38,7 @@ class StepStats:
 
 
 def summary_line(step: int, m: Mapping[str, float]) -> str:
-    """``step 3  loss=..  gnorm=..  tlr=..  arithmetic=0.5  acc/arithmetic=0.6``."""
+    """``step 3  loss=..  gnorm=..  tlr=..  reward/arithmetic=0.5  acc/arithmetic=0.6``."""
     keys = [
         ("loss", "loss"),
         ("grad_norm", "gnorm"),
