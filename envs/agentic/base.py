@@ -5,7 +5,8 @@ the files its sandbox starts from, and what decides success. An ``AgenticEnv`` o
 tasks and scores a finished trajectory of one of them, in the sandbox the trajectory used
 (``reward``), so the reward is known as soon as the trajectory ends.
 
-Produced by: ``envs.agentic.tasks`` (loading) and the environments of this package.
+Produced by: ``envs.agentic.tasks`` (loading, and ``TaskSet``, the base of the environments
+of this package).
 Consumed by: ``envs.tool_manager.ToolManager`` (instruction, files, reward), and data sources
 that name tasks by ``Prompt.metadata["agentic"] = {"env": ..., "task_id": ...}``.
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["AgenticEnv", "AgenticTask", "TaskSet", "toolbox_call"]
+__all__ = ["AgenticEnv", "AgenticTask", "toolbox_call"]
 
 
 @dataclass(frozen=True)
@@ -77,26 +78,3 @@ class AgenticEnv(Protocol):
         """Score the trajectory that ran in ``lease``'s sandbox and ended with ``answer``
         (the ``finish`` argument; None when it never called finish). In [0, 1]."""
         ...
-
-
-class TaskSet:
-    """The tasks of one environment, loaded from ``tasks_dir`` (default: the shipped ones);
-    an environment subclasses it and adds its ``reward``."""
-
-    name: str
-
-    def __init__(self, tasks_dir: str | Path | None = None) -> None:
-        from envs.agentic.tasks import load_tasks
-
-        self._tasks = {t.task_id: t for t in load_tasks(self.name, tasks_dir)}
-
-    def tasks(self) -> tuple[AgenticTask, ...]:
-        return tuple(self._tasks.values())
-
-    def task(self, task_id: str) -> AgenticTask:
-        try:
-            return self._tasks[task_id]
-        except KeyError:
-            raise KeyError(
-                f"no {self.name} task {task_id!r}; known: {', '.join(sorted(self._tasks))}"
-            ) from None

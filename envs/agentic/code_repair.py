@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from envs.agentic.base import AgenticTask, TaskSet, toolbox_call
+from envs.agentic.base import AgenticTask, toolbox_call
+from envs.agentic.tasks import TaskSet
 
 __all__ = ["CodeRepairEnv"]
 

@@ -10,6 +10,9 @@ Layout (``envs/tasks/`` ships examples)::
 ``test_command`` and ``protected`` (paths under ``repo/``, usually the tests), optional
 ``check_timeout_s``, and ``reference_fix`` / ``decoy_fix``; for tool use ``answer`` and
 ``reference_command``. A malformed task fails at load time naming the file and the field.
+
+``TaskSet`` holds the loaded tasks of one environment; the environments of ``envs.agentic``
+subclass it and add their ``reward``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 
 from envs.agentic.base import AgenticTask
 
-__all__ = ["TASKS_DIR", "TaskError", "load_tasks"]
+__all__ = ["TASKS_DIR", "TaskError", "TaskSet", "load_tasks"]
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"
 """The tasks shipped with the repository (``envs/tasks``)."""
@@ -95,3 +98,24 @@ def load_tasks(env: str, tasks_dir: str | Path | None = None) -> tuple[AgenticTa
     if not tasks:
         raise TaskError(f"{root} holds no task (no <task_id>/task.json)")
     return tasks
+
+
+class TaskSet:
+    """The tasks of one environment, loaded from ``tasks_dir`` (default: the shipped ones);
+    an environment subclasses it and adds its ``reward``."""
+
+    name: str
+
+    def __init__(self, tasks_dir: str | Path | None = None) -> None:
+        self._tasks = {t.task_id: t for t in load_tasks(self.name, tasks_dir)}
+
+    def tasks(self) -> tuple[AgenticTask, ...]:
+        return tuple(self._tasks.values())
+
+    def task(self, task_id: str) -> AgenticTask:
+        try:
+            return self._tasks[task_id]
+        except KeyError:
+            raise KeyError(
+                f"no {self.name} task {task_id!r}; known: {', '.join(sorted(self._tasks))}"
+            ) from None

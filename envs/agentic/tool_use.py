@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from envs.agentic.base import AgenticTask, TaskSet
+from envs.agentic.base import AgenticTask
+from envs.agentic.tasks import TaskSet
 from envs.rewards import exact_match
 
 __all__ = ["ToolUseEnv"]
