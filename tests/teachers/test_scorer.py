@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import time
 
@@ -197,29 +196,3 @@ def test_tokenizer_check(tiny_mimo, tmp_path):
     tok.save_pretrained(str(other))
     with pytest.raises(TokenizerMismatchError, match=r"(?s)teacher 'code'.*<\|tool\|>"):
         check_tokenizer_compatible(tiny_mimo, other, "code")
-
-
-# ------------------------------------------------------------------------------------------
-# The Ray actor
-# ------------------------------------------------------------------------------------------
-
-
-def test_teacher_actor_forwards(standin):
-    import ray
-
-    from teachers.actor import remote_teacher_scorer
-
-    url, _ = standin
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1")  # fmt: skip
-    try:
-        actor = remote_teacher_scorer(num_cpus=0).remote("math", [url], top_logprobs=1, **FAST)
-        result = ray.get(actor.score.remote([1, 2], [3, 4]))
-        np.testing.assert_allclose(
-            result.logp_T, [standin_logprob(3, 2), standin_logprob(4, 3)], rtol=1e-6
-        )
-        assert ray.get(actor.health.remote()) and ray.get(actor.name.remote()) == "math"
-        ray.get(actor.shutdown.remote())
-    finally:
-        with contextlib.suppress(Exception):
-            ray.shutdown()
