@@ -60,8 +60,8 @@ from mopd.inference.protocol import (
     GenerateRequest,
     SamplingParams,
     SessionParams,
-    compact_routes,
 )
+from mopd.inference.samples import output_routes, token_versions
 from mopd.models.moe import MoELayout
 from mopd.types import Prompt, RolloutSample
 
@@ -250,10 +250,7 @@ class _Transcript:
 
     def generated(self, out: GenerateOutput, version: int) -> None:
         n = len(out.output_ids)
-        versions = np.full(n, version, dtype=np.int32)
-        for span in out.weight_version_spans:  # partial rollouts: tokens of several versions
-            with contextlib.suppress(ValueError):
-                versions[span.start : span.end] = int(span.version)
+        versions = token_versions(out, version)  # partial rollouts: tokens of several versions
         if out.output_logprobs is None:
             raise ValueError(f"rid={out.rid}: the server returned no log-probs")
         self.ids += [int(t) for t in out.output_ids]
@@ -404,12 +401,9 @@ class ToolManager:
             if turn:
                 tr.observe(new_ids, version)
             tr.generated(out, version)
-            if out.routed_experts is not None and self.layout is not None:
-                tr.routes.append(
-                    compact_routes(
-                        out.routed_experts, self.layout.moe_layer_ids, self.layout.num_experts
-                    )
-                )
+            routes = output_routes(out, self.layout)
+            if routes is not None:
+                tr.routes.append(routes)
             parent = out.rid
             observations, answer, finished = await self._act(lease, out.output_ids)
             if finished:
