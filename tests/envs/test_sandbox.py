@@ -25,10 +25,7 @@ from envs.sandbox import (
     SandboxUnavailable,
     check_isolation,
 )
-
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0, reason="sandboxes need root (see docs/security.md)"
-)
+from tests.envs.marks import needs_root
 
 FAST = SandboxLimits(
     cpu_seconds=5,

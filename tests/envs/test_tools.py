@@ -5,7 +5,6 @@ confinement, bash observations that say which limit was hit, finish."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -19,10 +18,7 @@ from envs.tools import (
     parse_tool_calls,
     run_tool,
 )
-
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0, reason="sandboxes need root (see docs/security.md)"
-)
+from tests.envs.marks import needs_root
 
 
 def _call(name: str, **arguments: object) -> str:
