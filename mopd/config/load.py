@@ -29,6 +29,7 @@ from omegaconf.errors import (
 
 from mopd.config.schema import RunConfig
 from mopd.config.validate import validate
+from mopd.io import write_text_atomic
 
 RESOLVED_CONFIG_NAME = "resolved_config.yaml"
 
@@ -88,11 +89,7 @@ def save_resolved(run: RunConfig, output_dir: str | os.PathLike | None = None) -
     """Write the resolved config to ``output_dir`` (default: run.output_dir) atomically."""
     out = Path(output_dir if output_dir is not None else run.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    target = out / RESOLVED_CONFIG_NAME
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(to_yaml(run))
-    os.replace(tmp, target)
-    return target
+    return write_text_atomic(out / RESOLVED_CONFIG_NAME, to_yaml(run))
 
 
 def _merge(
