@@ -10,8 +10,8 @@ import yaml
 
 from envs.agentic import TASKS_DIR
 from mopd.config import load_config
-from mopd.run import train, trained_sample_ids
 from mopd.models.tiny import build_tiny_checkpoint
+from mopd.run import train, trained_sample_ids
 
 pytestmark = pytest.mark.timeout(900)
 
