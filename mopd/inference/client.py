@@ -42,16 +42,11 @@ from tenacity import (
 )
 
 from mopd.inference.protocol import (
-    DestroyWeightsUpdateGroup,
     GenerateOutput,
     GenerateRequest,
-    InitWeightsUpdateGroup,
     ModelInfo,
     ProtocolError,
     ScoreOutput,
-    UpdateWeightsFromDisk,
-    UpdateWeightsFromDistributed,
-    UpdateWeightsFromTensor,
     UpdateWeightVersion,
     WeightUpdateRequest,
     WeightUpdateResult,
@@ -513,100 +508,6 @@ class EngineClient:
         if not result.success:
             raise WeightUpdateError(self.name, request.route, result.message or "success: false")
         return result
-
-    async def update_weights_from_disk(
-        self,
-        model_path: str,
-        *,
-        weight_version: str | None = None,
-        load_format: str | None = None,
-        flush_cache: bool = True,
-        abort_all_requests: bool = False,
-    ) -> WeightUpdateResult:
-        """Reload weights from ``model_path`` (HF layout) and label them ``weight_version``."""
-        return await self.update_weights(
-            UpdateWeightsFromDisk(
-                model_path=model_path,
-                load_format=load_format,
-                weight_version=weight_version,
-                flush_cache=flush_cache,
-                abort_all_requests=abort_all_requests,
-            )
-        )
-
-    async def update_weights_from_tensor(
-        self,
-        serialized_named_tensors: Sequence[bytes],
-        *,
-        load_format: str | None = None,
-        weight_version: str | None = None,
-        flush_cache: bool = True,
-    ) -> WeightUpdateResult:
-        """Load tensors serialized by the engine's own serializer (one payload per TP rank)."""
-        return await self.update_weights(
-            UpdateWeightsFromTensor(
-                serialized_named_tensors=tuple(serialized_named_tensors),
-                load_format=load_format,
-                weight_version=weight_version,
-                flush_cache=flush_cache,
-            )
-        )
-
-    async def init_weights_update_group(
-        self,
-        master_address: str,
-        master_port: int,
-        rank_offset: int,
-        world_size: int,
-        *,
-        group_name: str = "weight_update_group",
-        backend: str = "nccl",
-    ) -> WeightUpdateResult:
-        """Join the trainer's NCCL group used by ``update_weights_from_distributed``."""
-        return await self.update_weights(
-            InitWeightsUpdateGroup(
-                master_address=master_address,
-                master_port=master_port,
-                rank_offset=rank_offset,
-                world_size=world_size,
-                group_name=group_name,
-                backend=backend,
-            )
-        )
-
-    async def update_weights_from_distributed(
-        self,
-        names: Sequence[str],
-        dtypes: Sequence[str],
-        shapes: Sequence[Sequence[int]],
-        *,
-        group_name: str = "weight_update_group",
-        weight_version: str | None = None,
-        flush_cache: bool = True,
-    ) -> WeightUpdateResult:
-        """Receive the named tensors the trainer broadcasts in ``group_name``."""
-        return await self.update_weights(
-            UpdateWeightsFromDistributed(
-                names=tuple(names),
-                dtypes=tuple(dtypes),
-                shapes=tuple(map(tuple, shapes)),
-                group_name=group_name,
-                weight_version=weight_version,
-                flush_cache=flush_cache,
-            )
-        )
-
-    async def destroy_weights_update_group(
-        self, group_name: str = "weight_update_group"
-    ) -> WeightUpdateResult:
-        return await self.update_weights(DestroyWeightsUpdateGroup(group_name=group_name))
-
-    async def update_weight_version(
-        self, new_version: str, *, abort_all_requests: bool = False
-    ) -> WeightUpdateResult:
-        return await self.update_weights(
-            UpdateWeightVersion(new_version=new_version, abort_all_requests=abort_all_requests)
-        )
 
     async def flush_cache(self) -> bool:
         """Drop the prefix (radix) cache; False when the server refused (requests running)."""

@@ -16,7 +16,17 @@ from mopd.inference.client import (
     SyncEngineClient,
     WeightUpdateError,
 )
-from mopd.inference.protocol import GenerateRequest, SamplingParams, SessionParams
+from mopd.inference.protocol import (
+    DestroyWeightsUpdateGroup,
+    GenerateRequest,
+    InitWeightsUpdateGroup,
+    SamplingParams,
+    SessionParams,
+    UpdateWeightsFromDisk,
+    UpdateWeightsFromDistributed,
+    UpdateWeightsFromTensor,
+    UpdateWeightVersion,
+)
 from tests.inference.sglang_standin import (
     NUM_LAYERS,
     TOP_K,
@@ -199,18 +209,26 @@ def test_weight_updates_and_versions(standin):
 
     async def go():
         async with EngineClient(url, FAST) as client:
-            res = await client.update_weights_from_disk("ckpt-3", weight_version="3")
-            v3 = await client.weight_version()
-            await client.update_weights_from_tensor([b"abc"], load_format="direct")
-            await client.init_weights_update_group("127.0.0.1", 29500, 1, 2, backend="gloo")
-            await client.update_weights_from_distributed(
-                ["w"], ["bfloat16"], [[2, 2]], weight_version="4"
+            res = await client.update_weights(
+                UpdateWeightsFromDisk(model_path="ckpt-3", weight_version="3")
             )
-            await client.destroy_weights_update_group()
-            await client.update_weight_version("5")
+            v3 = await client.weight_version()
+            await client.update_weights(
+                UpdateWeightsFromTensor(serialized_named_tensors=(b"abc",), load_format="direct")
+            )
+            await client.update_weights(
+                InitWeightsUpdateGroup("127.0.0.1", 29500, 1, 2, backend="gloo")
+            )
+            await client.update_weights(
+                UpdateWeightsFromDistributed(
+                    names=("w",), dtypes=("bfloat16",), shapes=((2, 2),), weight_version="4"
+                )
+            )
+            await client.update_weights(DestroyWeightsUpdateGroup())
+            await client.update_weights(UpdateWeightVersion(new_version="5"))
             out = await client.generate(GenerateRequest(input_ids=[1]))
             with pytest.raises(WeightUpdateError, match="no such checkpoint"):
-                await client.update_weights_from_disk("missing")
+                await client.update_weights(UpdateWeightsFromDisk(model_path="missing"))
             return res, v3, out
 
     res, v3, out = run(go())
