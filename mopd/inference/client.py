@@ -529,23 +529,16 @@ class EngineClient:
 
     async def release_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
         """Free GPU memory (``weights``, ``kv_cache``) while the trainer runs on the same GPUs."""
-        body = {"tags": list(tags)} if tags is not None else {}
-        await self._call(
-            "POST",
-            "/release_memory_occupation",
-            json=body,
-            idempotent=True,
-            timeout_s=self.config.admin_timeout_s,
-        )
+        await self._memory_occupation("/release_memory_occupation", tags)
 
     async def resume_memory_occupation(self, tags: Sequence[str] | None = None) -> None:
+        """Take back the memory ``release_memory_occupation`` freed (all tags when None)."""
+        await self._memory_occupation("/resume_memory_occupation", tags)
+
+    async def _memory_occupation(self, route: str, tags: Sequence[str] | None) -> None:
         body = {"tags": list(tags)} if tags is not None else {}
         await self._call(
-            "POST",
-            "/resume_memory_occupation",
-            json=body,
-            idempotent=True,
-            timeout_s=self.config.admin_timeout_s,
+            "POST", route, json=body, idempotent=True, timeout_s=self.config.admin_timeout_s
         )
 
     async def pause_generation(
