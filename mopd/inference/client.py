@@ -565,16 +565,15 @@ class EngineClient:
 
     async def health(self) -> bool:
         """True when ``/health`` answers 200 (one attempt: a probe, not a wait)."""
-        try:
-            response = await self._http.get("/health", timeout=self.config.info_timeout_s)
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
+        return await self._probe("/health")
 
     async def health_generate(self) -> bool:
         """True when the server generates one token (``/health_generate``)."""
+        return await self._probe("/health_generate")
+
+    async def _probe(self, route: str) -> bool:
         try:
-            response = await self._http.get("/health_generate", timeout=self.config.info_timeout_s)
+            response = await self._http.get(route, timeout=self.config.info_timeout_s)
         except httpx.HTTPError:
             return False
         return response.status_code == 200
