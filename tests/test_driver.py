@@ -22,8 +22,8 @@ import yaml
 from mlflow import MlflowClient
 
 from mopd.config import load_config
-from mopd.run import RunError, train, trained_log, trained_sample_ids
 from mopd.models.tiny import build_tiny_checkpoint
+from mopd.run import RunError, train, trained_log, trained_sample_ids
 from mopd.scheduler.redis_server import EmbeddedRedis, connect
 from mopd.scheduler.stream import TrainingStream
 from mopd.tracking import resolve_model

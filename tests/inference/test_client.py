@@ -32,18 +32,11 @@ from tests.inference.sglang_standin import (
     TOP_K,
     VOCAB,
     free_port,
-    serve,
     standin_logprob,
     standin_route,
 )
 
 FAST = ClientConfig(backoff_initial_s=0.01, backoff_max_s=0.05, max_attempts=4, info_timeout_s=5)
-
-
-@pytest.fixture
-def standin():
-    with serve() as (url, state):
-        yield url, state
 
 
 def run(coro):

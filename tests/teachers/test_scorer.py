@@ -17,15 +17,9 @@ from rollout.launcher import LaunchSpec, launch_server
 from teachers.base import Teacher, TeacherUnavailableError
 from teachers.scorer import TeacherScorer
 from teachers.tokenizer import TokenizerMismatchError, check_tokenizer_compatible
-from tests.inference.sglang_standin import free_port, serve, standin_logprob
+from tests.inference.sglang_standin import free_port, standin_logprob
 
 FAST = {"backoff_initial_s": 0.01, "backoff_max_s": 0.02, "timeout_s": 5.0}
-
-
-@pytest.fixture
-def standin():
-    with serve() as (url, state):
-        yield url, state
 
 
 def run(coro):
