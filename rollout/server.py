@@ -455,7 +455,7 @@ def build_app(engine: Engine, server_args: dict[str, Any] | None = None) -> Fast
 
     @app.get("/health")
     async def health() -> Response:
-        alive = engine._thread is not None and engine._thread.is_alive()
+        alive = engine.alive
         return Response(status_code=200 if alive else 503)
 
     @app.get("/health_generate")

@@ -276,18 +276,18 @@ def test_invalid_requests_name_the_problem(tiny_ckpts, mimo):
 
 
 def test_inverse_cdf_sampling_follows_the_weights():
-    from rollout.engine import _inverse_cdf
+    from rollout.engine.sampling import inverse_cdf
 
     weights_V = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
     gen = torch.Generator().manual_seed(0)
     u_N = torch.rand(200_000, generator=gen)
-    picks_N = _inverse_cdf(weights_V.expand(len(u_N), -1), u_N)
+    picks_N = inverse_cdf(weights_V.expand(len(u_N), -1), u_N)
     freq_V = torch.bincount(picks_N, minlength=6).double() / len(u_N)
     np.testing.assert_allclose(freq_V.numpy(), [0.0, 0.5, 0.0, 0.3, 0.2, 0.0], atol=5e-3)
     # u = 1 stands for a product u * total that rounds up to the total: still never the
     # zero-weight token at the end; u = 0 takes the first token with weight.
     top = torch.tensor([1.0, 0.999999, 0.0])
-    picks = _inverse_cdf(torch.tensor([[0.1, 0.7, 0.2, 0.0]] * 3), top)
+    picks = inverse_cdf(torch.tensor([[0.1, 0.7, 0.2, 0.0]] * 3), top)
     assert picks.tolist() == [2, 2, 0]
 
 
