@@ -19,6 +19,7 @@ from typing import Any
 
 from mopd.config.schema import RolloutConfig
 from mopd.inference.client import ClientConfig
+from rollout.base import RolloutBackend
 from rollout.launcher import LaunchSpec, ServerProcess, launch_server, spec_from_server_args
 from rollout.router import EngineRouter, RouterConfig
 
@@ -55,7 +56,7 @@ def launch_spec_for(cfg: RolloutConfig, model_path: str, **overrides: Any) -> La
 class RolloutService:
     """Running rollout servers and the router over them. ``aclose`` stops everything."""
 
-    router: EngineRouter
+    router: RolloutBackend  # an EngineRouter over the servers
     workers: list[Any]  # RolloutWorker actor handles (Ray) or ServerProcess (local)
 
     async def aclose(self) -> None:

@@ -14,6 +14,7 @@ from mopd.config.schema import RolloutConfig
 from mopd.inference.protocol import GenerateRequest, SamplingParams, UpdateWeightsFromDisk
 from rollout.build import build_rollout_backend, routed_experts_shape_of
 from rollout.launcher import LaunchSpec
+from rollout.router import EngineRouter
 from tests.ray_local import private_ray
 
 PROMPT = [5, 6, 7, 8]
@@ -87,10 +88,13 @@ def test_build_rollout_backend_local_processes(tmp_path):
         return_routed_experts=True,
     )  # fmt: skip
 
+    router = service.router
+    assert isinstance(router, EngineRouter)  # generate_many and loads are the router's own
+
     async def go():
         try:
-            outs = await service.router.generate_many([request] * 4)
-            return outs, service.router.loads(), await service.router.weight_versions()
+            outs = await router.generate_many([request] * 4)
+            return outs, router.loads(), await router.weight_versions()
         finally:
             await service.aclose()
 
