@@ -166,6 +166,7 @@ class Engine:
         self.weights = WeightLoader(
             self.model, str(config.model_path), str(config.weight_version), self.device
         )
+        self.dtype = self.weights.dtype
         self.limits = RequestLimits(
             self.vocab_size,
             self.context_len,
@@ -179,7 +180,7 @@ class Engine:
         self._arange = torch.arange(max(self.context_len, config.max_running_requests) + 1)
         self._arange = self._arange.to(self.device)
         self.masks = AttentionMasks(
-            layout, ring_window(windows), self._arange, self.weights.dtype, self.device
+            layout, ring_window(windows), self._arange, self.dtype, self.device
         )
         # Unseeded requests draw from one engine generator (one call per step for the batch).
         gen = torch.Generator(device=self.device).manual_seed(config.random_seed)
@@ -214,10 +215,6 @@ class Engine:
         }
 
     # -- facts ----------------------------------------------------------------------------------
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weights.dtype
 
     @property
     def model_path(self) -> str:
