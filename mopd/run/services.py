@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mopd.config import RunConfig, save_resolved
 from mopd.config.schema import RolloutConfig, TeacherConfig
@@ -38,6 +38,9 @@ from mopd.tracking import (
 
 from .errors import RunError
 from .state import RunPaths
+
+if TYPE_CHECKING:  # the rollout package is imported when the servers start
+    from rollout.build import RolloutService
 
 __all__ = ["Services", "teacher_rollout_config"]
 
@@ -68,8 +71,8 @@ class Services:
         self.stack = contextlib.ExitStack()
         self.tracker: Tracker = NullTracker()
         self.embedded_redis: EmbeddedRedis | None = None
-        self.rollout: Any = None  # rollout.build.RolloutService
-        self.teacher_services: dict[str, Any] = {}
+        self.rollout: RolloutService | None = None
+        self.teacher_services: dict[str, RolloutService] = {}
         self.teachers: dict[str, Any] = {}  # teacher name -> TeacherScorer
         self.agents: Any = None  # the ToolManager when a data source is agentic
         self.layout: MoELayout | None = None
@@ -163,7 +166,7 @@ class Services:
     def tracking_uri(self) -> str:
         return self.cfg.tracking.tracking_uri or default_tracking_uri(self.paths.root)
 
-    def _start_servers(self, rcfg: RolloutConfig, model: Path):
+    def _start_servers(self, rcfg: RolloutConfig, model: Path) -> RolloutService:
         from rollout.build import build_rollout_backend
 
         n = rcfg.num_servers
@@ -178,7 +181,7 @@ class Services:
             spec_overrides=overrides,
         )
 
-    def start_rollout(self):
+    def start_rollout(self) -> RolloutService:
         """New rollout servers for the student (at start-up, and to replace dead ones)."""
         return self._start_servers(self.cfg.rollout, self.student_path)
 
