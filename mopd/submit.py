@@ -40,18 +40,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import re
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from mopd.config import ConfigError, RunConfig, load_config
+from mopd.io import scoped_env
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -384,7 +384,7 @@ def connect(address: str, headers: Mapping[str, str] | None = None) -> JobSubmis
     try:
         # Ray's client lets $RAY_API_SERVER_ADDRESS override its address argument; pin it to
         # the address chosen above so that --address wins over the environment.
-        with _env(_API_ADDRESS_ENV, address):
+        with scoped_env(**{_API_ADDRESS_ENV: address}):
             return JobSubmissionClient(address, headers=headers)
     except AuthenticationError as e:
         refused = f"the Ray cluster at {address} refused us ({_first_line(e)}; {_sent(headers)})"
@@ -484,19 +484,6 @@ def _hints(address: str, job_id: str, *, token_sent: bool = False) -> str:
         f"  follow: {prefix}ray job logs --follow --address {address} {job_id}\n"
         f"  stop:   {prefix}ray job stop --address {address} {job_id}"
     )
-
-
-@contextlib.contextmanager
-def _env(key: str, value: str) -> Iterator[None]:
-    previous = os.environ.get(key)
-    os.environ[key] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = previous
 
 
 def _first_line(what: object) -> str:
