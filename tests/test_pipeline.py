@@ -17,14 +17,9 @@ import pytest
 from mlflow import MlflowClient
 
 from mopd.config import ConfigError
-from mopd.driver import trained_log
-from mopd.pipeline import (
-    is_pipeline_config,
-    load_pipeline,
-    run_pipeline,
-    stage_run_config,
-    to_yaml,
-)
+from mopd.config.pipeline import is_pipeline_config, load_pipeline, stage_run_config, to_yaml
+from mopd.pipeline import run_pipeline
+from mopd.run import trained_log
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
