@@ -19,7 +19,7 @@ The simulated machine, one tick = one decoding step:
 - trainer: an optimizer step takes ``--train-ticks`` on ``prompts_per_step x G`` samples;
   the weight sync that follows takes ``--sync-ticks``, during which no slot decodes.
 
-Policies (the driver's modes, mopd/driver.py):
+Policies (the run's modes, mopd/run/driver.py and mopd/run/producer.py):
 
 - ``batch-sync``: hand out a step's groups at once, wait for the longest response, train, sync.
   Rollout idles during training and sync (``scheduler.mode=sync``).

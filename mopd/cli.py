@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument(
+        "--parent-run-id",
+        default=None,
+        help="MLflow run id to nest this run under (what `mopd pipeline` passes its stages)",
+    )
     p.set_defaults(func=_cmd_train)
 
     from mopd.submit import add_submit_parser  # imports Ray only when the command runs
@@ -126,7 +131,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for noisy in ("httpx", "httpcore", "mlflow"):  # one line per request drowns the progress
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        train(run, resume=args.resume)
+        train(run, resume=args.resume, parent_run_id=args.parent_run_id)
     except (RunError, FileNotFoundError) as e:
         print(f"mopd train: {e}", file=sys.stderr)
         return EXIT_RUN_ERROR

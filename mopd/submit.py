@@ -225,8 +225,10 @@ def build_submission(
     resume: bool = False,
     pip_requirements: str | os.PathLike | None = None,
     env: Sequence[str] = (),
+    parent_run_id: str | None = None,
 ) -> Submission:
     """The job for a validated ``run``: entrypoint, runtime_env and metadata.
+    ``parent_run_id``: the MLflow run the job's run nests under (``mopd train --parent-run-id``).
 
     Raises:
         SubmitError: the working dir or requirements file is missing, the config is outside
@@ -250,6 +252,8 @@ def build_submission(
     argv = ["mopd", "train", config_rel, *overrides]
     if resume:
         argv.append("--resume")
+    if parent_run_id:
+        argv += ["--parent-run-id", parent_run_id]
 
     runtime_env: dict[str, Any] = {
         "working_dir": str(workdir),

@@ -10,6 +10,7 @@ import os
 import queue
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -418,3 +419,15 @@ def test_entrypoint_quotes_overrides_and_pip_requirements_reach_ray(work):
     assert set(EXCLUDES) <= set(sub.runtime_env["excludes"])
     with pytest.raises(SubmitError, match=r"--pip-requirements nope\.txt: no such file"):
         build_submission(load_config(cfg), cfg, pip_requirements="nope.txt")
+
+
+def test_a_pipeline_stage_job_names_its_parent_run_on_the_command_line(work):
+    from mopd.cli import _parser
+
+    cfg = work / "quickstart.yaml"
+    sub = build_submission(load_config(cfg), cfg, resume=True, parent_run_id="0f3a9c")
+    assert sub.entrypoint == "mopd train quickstart.yaml --resume --parent-run-id 0f3a9c"
+    assert not any("PARENT" in k for k in sub.runtime_env["env_vars"])
+    args = _parser().parse_args(shlex.split(sub.entrypoint)[1:])
+    assert (args.config, args.resume, args.parent_run_id) == ("quickstart.yaml", True, "0f3a9c")
+    assert _parser().parse_args(["train", "x.yaml"]).parent_run_id is None

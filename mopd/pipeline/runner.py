@@ -36,15 +36,10 @@ from mopd.tracking import MODEL_URI_PREFIX, MLflowTracker, flatten
 
 __all__ = ["PIPELINE_CONFIG", "STATE_FILE", "PipelineError", "StageResult", "run_pipeline"]
 
-log = logging.getLogger("mopd.pipeline")
-
 STATE_FILE = "pipeline_state.json"
 PIPELINE_CONFIG = "pipeline_config.yaml"
-# The one hop of the parent run id across a process boundary. A stage run as a Ray job is
-# `mopd train CONFIG` in another process, and a submission carries only that command line
-# (the config has no field for it) and the environment variables of its runtime_env; so the
-# id travels as this variable, for the job's `mopd train` to pass on as ``parent_run_id``.
-PARENT_RUN_ENV = "MOPD_PARENT_RUN_ID"
+
+log = logging.getLogger("mopd.pipeline")
 
 
 class PipelineError(RuntimeError):
@@ -234,7 +229,7 @@ def _submit_stage(
             config,
             working_dir=workdir,
             resume=resume,
-            env=[f"{PARENT_RUN_ENV}={parent_run_id}"] if parent_run_id else [],
+            parent_run_id=parent_run_id,
         )
         address = job.resolve_address(p.ray_address, run)
         client = job.connect(address)

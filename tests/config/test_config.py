@@ -11,7 +11,7 @@ import yaml
 
 from mopd.config import ConfigError, RunConfig, load_config, save_resolved, schema, to_yaml
 from mopd.config.docs import describe, field_docs
-from mopd.pipeline import is_pipeline_config
+from mopd.config.pipeline import is_pipeline_config
 
 REPO = Path(__file__).resolve().parents[2]
 # Pipeline configs (a top-level ``stages`` section) are validated by tests/test_pipeline.py.
