@@ -118,18 +118,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import logging
-
     from mopd.run import RunError, train
+    from mopd.run.logs import configure_logging
 
     run = _load(args)
     if run is None:
         return EXIT_CONFIG_ERROR
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for noisy in ("httpx", "httpcore", "mlflow"):  # one line per request drowns the progress
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging()
     try:
         train(run, resume=args.resume, parent_run_id=args.parent_run_id)
     except (RunError, FileNotFoundError) as e:

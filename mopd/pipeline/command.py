@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -51,11 +50,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"mopd pipeline: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for noisy in ("httpx", "httpcore", "mlflow", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from mopd.run.logs import configure_logging
+
+    configure_logging()
     try:
         run_pipeline(plan, resume=args.resume)
     except PipelineError as e:
