@@ -40,7 +40,7 @@ from mopd.algo import (
     selective_log_softmax,
     train_rollout_mismatch,
 )
-from mopd.algo.registry import LOSSES, lookup
+from mopd.algo.stages import LossInputs, stage_for
 from mopd.config.schema import AlgorithmConfig
 from mopd.types import MicroBatch
 
@@ -90,32 +90,8 @@ def resolve_dtype(name: str, device: torch.device, *, field: str = "trainer.dtyp
 
 
 def loss_kwargs(cfg: AlgorithmConfig) -> dict[str, Any]:
-    """Keyword arguments of the registry loss ``cfg.loss`` taken from the algorithm config."""
-    lookup("algorithm.loss", LOSSES, cfg.loss)
-    if cfg.loss == "sft":
-        return {"aggregation": cfg.aggregation}
-    if cfg.loss == "rl":
-        if cfg.kl_coef > 0:
-            raise ValueError(
-                f"algorithm.kl_coef={cfg.kl_coef}: the KL penalty needs reference-policy "
-                "log-probs, which micro-batches do not carry yet; set algorithm.kl_coef=0"
-            )
-        return {
-            "is_correction": cfg.is_correction,
-            "eps_low": cfg.eps_low,
-            "eps_high": cfg.eps_high,
-            "clip_low": cfg.clip_low,
-            "clip_high": cfg.clip_high,
-            "aggregation": cfg.aggregation,
-        }
-    return {
-        "alpha": cfg.alpha,
-        "eps_low": cfg.eps_low,
-        "eps_high": cfg.eps_high,
-        "aggregation": cfg.aggregation,
-        "student_logprob_source": cfg.student_logprob_source,
-        "teacher_kl": cfg.teacher_kl,
-    }
+    """Keyword arguments of the stage loss ``cfg.loss`` taken from the algorithm config."""
+    return stage_for(cfg.loss).loss_kwargs(cfg)
 
 
 def loss_count(mb: MicroBatch, aggregation: str) -> int:
@@ -144,13 +120,14 @@ def step_weights(
 
 
 class RegistryLoss:
-    """The loss ``AlgorithmConfig.loss`` selects in ``mopd.algo.registry.LOSSES``, its keyword
-    arguments bound from the config, called with the tensors of a ``PackedBatch``."""
+    """The loss of the stage ``AlgorithmConfig.loss`` selects (``mopd.algo.stages``), its
+    keyword arguments bound from the config, called with the tensors of a ``PackedBatch``.
+    Which stage it is, it does not know: the stage reads what it needs from ``LossInputs``."""
 
     def __init__(self, cfg: AlgorithmConfig) -> None:
-        self.name = cfg.loss
-        self.fn: Callable[..., Any] = lookup("algorithm.loss", LOSSES, cfg.loss)
-        self.kwargs = loss_kwargs(cfg)
+        self.stage = stage_for(cfg.loss)
+        self.kwargs = self.stage.loss_kwargs(cfg)
+        self.topk = self.stage.wants_topk(cfg)
 
     def __call__(
         self, logp_BT: torch.Tensor, b: PackedBatch, logits_MV: torch.Tensor | None = None
@@ -158,23 +135,22 @@ class RegistryLoss:
         """``(loss, metrics)`` of the micro-batch for the trained log-probs ``logp_BT``;
         ``logits_MV`` (the logits that predict the loss tokens, from ``loss_logprobs``) feed the
         student's side of ``teacher_kl=topk``."""
-        if self.name == "sft":
-            return self.fn(logp_BT, b.mask_BT, **self.kwargs)
-        if self.name == "rl":
-            return self.fn(logp_BT, b.logp_rollout_BT, b.adv_B, b.mask_BT, **self.kwargs)
-        if b.logp_teacher_BT is None:
-            raise ValueError(
-                "algorithm.loss=mopd needs teacher log-probs, but a micro-batch has none; "
-                "score every sample with its domain teacher before training"
-            )
-        if self.kwargs["teacher_kl"] == "topk":
-            return self.fn(
-                logp_BT, b.logp_rollout_BT, None, b.adv_B, b.mask_BT, **self.kwargs,
-                **_topk_pair(b, logits_MV),
-            )  # fmt: skip
-        return self.fn(
-            logp_BT, b.logp_rollout_BT, b.logp_teacher_BT, b.adv_B, b.mask_BT, **self.kwargs
-        )
+        return self.stage.loss(loss_inputs(logp_BT, b, logits_MV, topk=self.topk), **self.kwargs)
+
+
+def loss_inputs(
+    logp_BT: torch.Tensor, b: PackedBatch, logits_MV: torch.Tensor | None, *, topk: bool
+) -> LossInputs:
+    """The ``LossInputs`` of a micro-batch: built once, read by whichever stage trains."""
+    pair = _topk_pair(b, logits_MV) if topk else {}
+    return LossInputs(
+        logp_train_BT=logp_BT,
+        logp_rollout_BT=b.logp_rollout_BT,
+        adv_orm_B=b.adv_B,
+        mask_BT=b.mask_BT,
+        logp_teacher_BT=b.logp_teacher_BT,
+        **pair,
+    )
 
 
 def _topk_pair(b: PackedBatch, logits_MV: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -416,7 +392,7 @@ def token_metrics(
         return
     logp_BT = logp_BT.detach()
     m.add_mean("entropy", float(entropy_from_logits(logits_MV.detach()).mean()), ntok)
-    if cfg.loss != "sft":
+    if stage_for(cfg.loss).generates:  # SFT targets were not sampled: no rollout policy
         k3 = train_rollout_mismatch(b.logp_rollout_BT, logp_BT, b.mask_BT)
         m.add_mean("train_rollout_k3", float(k3), ntok)
     if mb.versions_N is not None and mb.loss_mask_N.any():

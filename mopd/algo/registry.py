@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from mopd.algo import advantages, kl, losses, routing
+from mopd.algo.stages import STAGES
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -26,12 +27,9 @@ __all__ = [
 # Group advantage estimators: f(rewards_NG, *, eps) -> adv_NG.
 ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Any]] = dict(advantages.ESTIMATORS)
 
-# Losses per training stage: each returns (loss, metrics).
-LOSSES: dict[str, Callable[..., Any]] = {
-    "sft": losses.sft_loss,
-    "rl": losses.policy_gradient_loss,
-    "mopd": losses.mopd_loss,
-}
+# Losses per training stage, read from the stage registry (mopd.algo.stages.STAGES, where a
+# stage also says what it needs from the run): each returns (loss, metrics).
+LOSSES: dict[str, Callable[..., Any]] = {name: st.loss_fn for name, st in STAGES.items()}
 
 # Sample-based KL estimators: f(logp_a, logp_b) -> per-token estimate.
 KL_ESTIMATORS: dict[str, Callable[..., Any]] = {

@@ -1,9 +1,11 @@
-"""The training stages as objects: what each of SFT, teacher RL and MOPD needs from the run.
+"""The training stages as objects: what each of SFT, teacher RL and MOPD needs from the run,
+and the loss it trains with.
 
 The stage is the one place that knows the difference between the three stages of
-algorithms.md; the driver, the trainer, config validation and the pipeline ask it
-(``stage.generates``, ``stage.uses_teacher``, ...) instead of testing ``algorithm.loss``.
-``stage_for`` is the registry: a config string becomes a stage here and nowhere else.
+algorithms.md; the run, the trainer, config validation and the pipeline ask it
+(``stage.generates``, ``stage.uses_teacher``, ``stage.loss(inputs, **kwargs)``, ...) instead of
+testing ``algorithm.loss``. ``STAGES`` is the registry: a config string becomes a stage here
+and nowhere else (``mopd.algo.registry.LOSSES`` is read from it).
 
 =========  =========  ============  ===================================================
 stage      generates  uses_teacher  what a sample is
@@ -13,18 +15,111 @@ rl         yes        no            G on-policy samples; ORM group advantage
 mopd       yes        yes           G on-policy samples; the teacher of the prompt's
                                     domain scores every token (dense reverse-KL signal)
 =========  =========  ============  ===================================================
+
+Shape suffixes: B sequences, T response positions, K top-k entries per position.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["STAGES", "Stage", "stage_for"]
+import torch
+
+from mopd.algo.losses import Metrics, mopd_loss, policy_gradient_loss, sft_loss
+
+if TYPE_CHECKING:  # mopd.config imports the registry, which imports this module
+    from mopd.config.schema import AlgorithmConfig
+
+__all__ = ["STAGES", "LossInputs", "Stage", "stage_for"]
+
+LossResult = tuple[torch.Tensor, Metrics]
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """What a stage's loss reads from one micro-batch, built once by the trainer
+    (``trainer.common.loss_inputs``) from its packed batch. All [B, T] tensors share the
+    layout of ``mask_BT``; values at mask-off positions are never read."""
+
+    logp_train_BT: torch.Tensor
+    """[B, T] trainer log-probs of the response tokens (the only input with a gradient)."""
+    logp_rollout_BT: torch.Tensor
+    """[B, T] rollout-engine log-probs of the same tokens (mu_theta; unused by SFT)."""
+    adv_orm_B: torch.Tensor
+    """[B] the scheduler's outcome-reward (group) advantage per sample."""
+    mask_BT: torch.Tensor
+    """[B, T] bool: response tokens that carry loss."""
+    logp_teacher_BT: torch.Tensor | None = None
+    """[B, T] teacher log-probs of the sampled tokens (stages that use a teacher)."""
+    teacher_topk_logp_BTK: torch.Tensor | None = None
+    """[B, T, K] the teacher's top-k log-probs (``teacher_kl=topk``)."""
+    student_topk_logp_BTK: torch.Tensor | None = None
+    """[B, T, K] the student's log-probs at the teacher's top-k ids (differentiable)."""
+
+
+def _sft(x: LossInputs, kwargs: dict[str, Any]) -> LossResult:
+    return sft_loss(x.logp_train_BT, x.mask_BT, **kwargs)
+
+
+def _rl(x: LossInputs, kwargs: dict[str, Any]) -> LossResult:
+    return policy_gradient_loss(
+        x.logp_train_BT, x.logp_rollout_BT, x.adv_orm_B, x.mask_BT, **kwargs
+    )
+
+
+def _mopd(x: LossInputs, kwargs: dict[str, Any]) -> LossResult:
+    if x.logp_teacher_BT is None:
+        raise ValueError(
+            "algorithm.loss=mopd needs teacher log-probs, but a micro-batch has none; "
+            "score every sample with its domain teacher before training"
+        )
+    if kwargs["teacher_kl"] == "topk":
+        return mopd_loss(
+            x.logp_train_BT, x.logp_rollout_BT, None, x.adv_orm_B, x.mask_BT, **kwargs,
+            teacher_topk_logp_BTK=x.teacher_topk_logp_BTK,
+            student_topk_logp_BTK=x.student_topk_logp_BTK,
+        )  # fmt: skip
+    return mopd_loss(
+        x.logp_train_BT, x.logp_rollout_BT, x.logp_teacher_BT, x.adv_orm_B, x.mask_BT, **kwargs
+    )
+
+
+def _sft_kwargs(cfg: AlgorithmConfig) -> dict[str, Any]:
+    return {"aggregation": cfg.aggregation}
+
+
+def _rl_kwargs(cfg: AlgorithmConfig) -> dict[str, Any]:
+    if cfg.kl_coef > 0:
+        raise ValueError(
+            f"algorithm.kl_coef={cfg.kl_coef}: the KL penalty needs reference-policy "
+            "log-probs, which micro-batches do not carry yet; set algorithm.kl_coef=0"
+        )
+    return {
+        "is_correction": cfg.is_correction,
+        "eps_low": cfg.eps_low,
+        "eps_high": cfg.eps_high,
+        "clip_low": cfg.clip_low,
+        "clip_high": cfg.clip_high,
+        "aggregation": cfg.aggregation,
+    }
+
+
+def _mopd_kwargs(cfg: AlgorithmConfig) -> dict[str, Any]:
+    return {
+        "alpha": cfg.alpha,
+        "eps_low": cfg.eps_low,
+        "eps_high": cfg.eps_high,
+        "aggregation": cfg.aggregation,
+        "student_logprob_source": cfg.student_logprob_source,
+        "teacher_kl": cfg.teacher_kl,
+    }
 
 
 @dataclass(frozen=True)
 class Stage:
-    """What one training stage needs from the run (not how its loss is computed)."""
+    """One training stage: what it needs from the run and the loss it trains with."""
 
     name: str
     generates: bool
@@ -33,6 +128,12 @@ class Stage:
     uses_teacher: bool
     """Every sample is scored by the teacher of its prompt's domain (the dense token signal of
     MOPD); teacher services are started and each group is scored before it is published."""
+    needs_group_signal: bool
+    """The group advantage is the only learning signal (RL): a group of one teaches nothing."""
+    loss_fn: Callable[..., LossResult]
+    """The pure loss of ``mopd.algo.losses`` (its equations are in its docstring)."""
+    _call: Callable[[LossInputs, dict[str, Any]], LossResult]
+    _kwargs: Callable[[AlgorithmConfig], dict[str, Any]]
 
     @property
     def syncs_weights_every_step(self) -> bool:
@@ -45,11 +146,24 @@ class Stage:
         """Every prompt must carry its reference answer (it is the training target)."""
         return not self.generates
 
+    def wants_topk(self, cfg: AlgorithmConfig) -> bool:
+        """Whether the loss reads the teacher's and the student's top-k log-probs."""
+        return self.uses_teacher and cfg.teacher_kl == "topk"
+
+    def loss_kwargs(self, cfg: AlgorithmConfig) -> dict[str, Any]:
+        """The loss's keyword arguments from the algorithm config (a ValueError naming the
+        field for a setting this stage cannot honour)."""
+        return self._kwargs(cfg)
+
+    def loss(self, inputs: LossInputs, **kwargs: Any) -> LossResult:
+        """``(loss, metrics)`` of one micro-batch; ``kwargs`` from ``loss_kwargs``."""
+        return self._call(inputs, kwargs)
+
 
 STAGES: dict[str, Stage] = {
-    "sft": Stage("sft", generates=False, uses_teacher=False),
-    "rl": Stage("rl", generates=True, uses_teacher=False),
-    "mopd": Stage("mopd", generates=True, uses_teacher=True),
+    "sft": Stage("sft", False, False, False, sft_loss, _sft, _sft_kwargs),
+    "rl": Stage("rl", True, False, True, policy_gradient_loss, _rl, _rl_kwargs),
+    "mopd": Stage("mopd", True, True, False, mopd_loss, _mopd, _mopd_kwargs),
 }
 
 
@@ -59,5 +173,5 @@ def stage_for(loss: str) -> Stage:
         return STAGES[loss]
     except KeyError:
         raise ValueError(
-            f"algorithm.loss: unknown stage {loss!r}; accepted: {', '.join(STAGES)}"
+            f"algorithm.loss: unknown key {loss!r}; accepted: {', '.join(STAGES)}"
         ) from None

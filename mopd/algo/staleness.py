@@ -15,7 +15,7 @@ import torch
 
 from mopd.algo._check import check_tensor
 
-__all__ = ["admissible", "sample_staleness"]
+__all__ = ["admissible", "max_staleness_problem", "sample_staleness"]
 
 
 def sample_staleness(
@@ -62,6 +62,14 @@ def sample_staleness(
     return staleness_B if token_versions.ndim == 2 else staleness_B[0]
 
 
+def max_staleness_problem(max_staleness: object) -> str | None:
+    """What is wrong with a ``max_staleness`` bound (None: nothing); the one check that config
+    validation, the scheduler and ``admissible`` share."""
+    if isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 0:
+        return f"bad value {max_staleness!r}; must be an int >= 0 (versions behind the trainer)"
+    return None
+
+
 def admissible(
     current_version: int,
     token_versions: torch.Tensor,
@@ -72,7 +80,8 @@ def admissible(
 
     ``mask`` as in ``sample_staleness`` (None: every token was generated). Returns a python bool for a [T] input and a [B] bool tensor for [B, T].
     """
-    if isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 0:
-        raise ValueError(f"max_staleness={max_staleness!r} must be an int >= 0")
+    problem = max_staleness_problem(max_staleness)
+    if problem is not None:
+        raise ValueError(f"max_staleness={max_staleness!r}: {problem}")
     ok = sample_staleness(current_version, token_versions, mask) <= max_staleness
     return bool(ok) if ok.ndim == 0 else ok

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from urllib.parse import urlparse
 
 from mopd.algo import registry
+from mopd.algo.stages import STAGES
+from mopd.algo.staleness import max_staleness_problem
 from mopd.config.schema import (
     DTYPES,
     LR_SCHEDULES,
@@ -100,6 +102,7 @@ def _check_data(run: RunConfig, p: _Problems) -> None:
     sources = run.data.sources
     if not sources:
         p.add("data.sources", "no data source; add at least one (name, domain, kind, ...)")
+    stage = STAGES.get(run.algorithm.loss)  # an unknown one is reported by _check_algorithm
     seen: set[str] = set()
     for i, src in enumerate(sources):
         key = f"data.sources[{i}]"
@@ -122,16 +125,16 @@ def _check_data(run: RunConfig, p: _Problems) -> None:
         p.positive(f"{key}.max_prompt_tokens", src.max_prompt_tokens)
         p.positive(f"{key}.max_response_tokens", src.max_response_tokens)
         p.positive(f"{key}.num_eval_prompts", src.num_eval_prompts, allow_zero=True)
-        if run.algorithm.loss == "sft" and src.dynamic_sampling:
+        if stage is not None and not stage.generates and src.dynamic_sampling:
             p.add(
                 f"{key}.dynamic_sampling",
                 "must be false for algorithm.loss=sft: SFT samples carry no reward to filter on",
             )
-        if src.reward == "agentic" and run.algorithm.loss == "sft":
+        if src.reward == "agentic" and stage is not None and not stage.generates:
             p.add(
                 f"{key}.reward", "agentic sources sample trajectories: not for algorithm.loss=sft"
             )
-        if run.algorithm.loss == "rl" and src.group_size == 1:
+        if stage is not None and stage.needs_group_signal and src.group_size == 1:
             p.add(
                 f"{key}.group_size",
                 "1 gives zero group advantages, so RL learns nothing; use 2 or more",
@@ -165,7 +168,8 @@ def _check_teachers(run: RunConfig, p: _Problems) -> None:
             else:
                 owner[d] = t.name
 
-    if run.algorithm.loss != "mopd":
+    stage = STAGES.get(run.algorithm.loss)  # an unknown one is reported by _check_algorithm
+    if stage is None or not stage.uses_teacher:
         return
     if not run.teachers:
         p.add("teachers", "a MOPD run (algorithm.loss=mopd) needs at least one teacher")
@@ -227,7 +231,8 @@ def _check_scheduler(run: RunConfig, p: _Problems) -> None:
     s = run.scheduler
     p.choice("scheduler.mode", s.mode, SCHEDULING_MODES)
     p.positive("scheduler.prompts_per_step", s.prompts_per_step)
-    p.positive("scheduler.max_staleness", s.max_staleness, allow_zero=True)
+    if (problem := max_staleness_problem(s.max_staleness)) is not None:
+        p.add("scheduler.max_staleness", problem)
     p.fraction("scheduler.max_partial_fraction", s.max_partial_fraction)
     p.positive("scheduler.max_inflight_groups", s.max_inflight_groups)
     if s.mode == "sync" and s.max_staleness != 0:

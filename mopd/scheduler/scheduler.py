@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from mopd.algo.advantages import ESTIMATORS, group_advantages
-from mopd.algo.staleness import admissible, sample_staleness
+from mopd.algo.staleness import admissible, max_staleness_problem, sample_staleness
 from mopd.config.schema import DataSourceConfig, SchedulerConfig
 from mopd.scheduler.sources import PromptSource, build_source, derive_seed
 from mopd.scheduler.tokenize import Tokenize
@@ -196,8 +196,8 @@ class DataScheduler:
             raise SchedulerError("scheduler.max_inflight_groups must be >= 1")
         if not 0.0 <= config.max_partial_fraction <= 1.0:
             raise SchedulerError("scheduler.max_partial_fraction must be in [0, 1]")
-        if config.max_staleness < 0:
-            raise SchedulerError("scheduler.max_staleness must be >= 0")
+        if (problem := max_staleness_problem(config.max_staleness)) is not None:
+            raise SchedulerError(f"scheduler.max_staleness: {problem}")
         self.config = config
         self._names = list(self._cfg)
         self._tokenize = tokenize
