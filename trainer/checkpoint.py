@@ -13,6 +13,12 @@ Every writer (the torch backend, the Megatron backend, weight export) follows on
    to its final name and fsyncs the parent. An existing ``final`` is replaced: it is moved
    aside first and deleted after the rename.
 
+``save_on_ranks(final, token, write, ...)`` runs the three steps for a writer spread over
+several ranks (the trainer backends' ``save``): rank 0 begins and commits, every rank writes
+its part with its own ``write(tmp)``, barriers in between. A trainer checkpoint also holds
+``trainer_state.json`` (``trainer_state`` / ``write_trainer_state``, written by rank 0) that
+``read_trainer_state`` returns after checking the marker.
+
 ``atomic_dir(final)`` wraps the three steps in a ``with`` block and deletes the temp directory
 if the block raises. A process killed mid-save leaves only a hidden temp directory without
 a marker: ``load`` paths call ``require_committed`` (which refuses any directory without the
@@ -29,13 +35,14 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "COMMITTED",
+    "TRAINER_STATE",
     "abort",
     "atomic_dir",
     "begin",
@@ -45,12 +52,19 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "read_marker",
+    "read_trainer_state",
     "require_committed",
+    "save_on_ranks",
     "temp_path",
+    "trainer_state",
+    "write_trainer_state",
 ]
 
 COMMITTED = "COMMITTED"
 """Name of the marker file; present only in fully written directories."""
+
+TRAINER_STATE = "trainer_state.json"
+"""A trainer checkpoint's step, version, layout and source model (JSON, written by rank 0)."""
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -172,6 +186,68 @@ def commit(tmp: str | Path, final: str | Path, meta: Mapping[str, Any] | None = 
 def abort(tmp: str | Path) -> None:
     """Delete an uncommitted temp directory (after a failed write)."""
     shutil.rmtree(Path(tmp), ignore_errors=True)
+
+
+def save_on_ranks(
+    final: str | Path,
+    token: str,
+    write: Callable[[Path], None],
+    *,
+    rank: int,
+    barrier: Callable[[], None],
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """The protocol for a checkpoint written by several ranks (every backend's ``save``).
+
+    Rank 0 makes the temp directory named by ``token`` (the same on every rank); after a
+    barrier every rank writes its part with ``write(tmp)``; after a second barrier rank 0
+    commits (``meta`` in the marker); a third barrier lets no rank return before the commit.
+    A rank whose ``write`` raises re-raises; on rank 0 the temp directory is removed first.
+    """
+    tmp = temp_path(final, token)
+    if rank == 0:
+        tmp = begin(final, token)
+    barrier()
+    try:
+        write(tmp)
+    except BaseException:
+        if rank == 0:
+            abort(tmp)
+        raise
+    barrier()
+    if rank == 0:
+        commit(tmp, final, meta)
+    barrier()
+    return Path(final)
+
+
+def trainer_state(
+    version: int, layout: Mapping[str, int], model_path: str | Path, loss: str, **extra: Any
+) -> dict[str, Any]:
+    """The ``trainer_state.json`` of a backend after ``version`` optimizer steps.
+
+    ``layout`` is what a reload checks or warns about (world size, parallel sizes);
+    ``extra`` comes last (e.g. ``backend``).
+    """
+    return {
+        "step": version,
+        "version": version,
+        **layout,
+        "model_path": str(model_path),
+        "loss": loss,
+        **extra,
+    }
+
+
+def write_trainer_state(directory: str | Path, state: Mapping[str, Any]) -> None:
+    """Write ``state`` as ``trainer_state.json`` into a (temp) checkpoint directory."""
+    (Path(directory) / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+
+
+def read_trainer_state(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The committed checkpoint directory ``path`` and its ``trainer_state.json``."""
+    path = require_committed(path)
+    return path, json.loads((path / TRAINER_STATE).read_text())
 
 
 @contextmanager

@@ -46,7 +46,8 @@ Checkpoint (``save``/``load``), one committed directory (trainer.checkpoint prot
     model.pt             full model state dict (fp32; gathered from FSDP shards on rank 0)
     optimizer.pt         full AdamW state, keyed by parameter name
     scheduler.pt         LR scheduler state
-    rng_rank<R>.pt       torch / CUDA / numpy / python RNG states of rank R
+    rng_rank<R>.pt       torch / CUDA (every device) / numpy / python RNG states of rank R
+                         (``trainer.rng``)
     trainer_state.json   step, version, world size, source model
     COMMITTED            written last
 
@@ -56,7 +57,6 @@ sequence, V vocabulary, M loss positions, L MoE layers, k experts per token.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Sequence
@@ -92,46 +92,13 @@ from trainer.common import (
 from trainer.export import export_hf_checkpoint, named_tensors_for_handoff, serialize_named_tensors
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.r3_hooks import RoutingReplay
+from trainer.rng import load_rng_state, rng_file, save_rng_state
 
 # loss_count, loss_kwargs and resolve_dtype live in trainer.common; re-exported here, where
 # they were first public.
 __all__ = ["TorchTrainer", "loss_count", "loss_kwargs", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {
-            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    npst = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            npst["keys"].numpy().astype(np.uint32),
-            npst["pos"],
-            npst["has_gauss"],
-            npst["cached_gaussian"],
-        )
-    )
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass(frozen=True)
@@ -421,37 +388,29 @@ class TorchTrainer:
 
     def save(self, path: str | Path) -> Path:
         """Write a checkpoint into directory ``path`` atomically (see the module docstring)."""
-        path = Path(path)
         model_sd = self._full_model_state()  # collectives: every rank takes part
         optim_sd = self._full_optimizer_state()
-        token = shared_token(self._world)
-        tmp = ckpt.temp_path(path, token)
-        if self._rank == 0:
-            ckpt.begin(path, token)
-        self._barrier()
-        try:
+
+        state = ckpt.trainer_state(
+            self._version, {"world_size": self._world}, self.model_cfg.path, self.algorithm_cfg.loss
+        )
+
+        def write(tmp: Path) -> None:
             if self._rank == 0:
                 torch.save(model_sd, tmp / "model.pt")
                 torch.save(optim_sd, tmp / "optimizer.pt")
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-                state = {
-                    "step": self._version,
-                    "version": self._version,
-                    "world_size": self._world,
-                    "model_path": str(self.model_cfg.path),
-                    "loss": self.algorithm_cfg.loss,
-                }
-                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-            torch.save(_rng_state(), tmp / f"rng_rank{self._rank}.pt")
-        except BaseException:
-            if self._rank == 0:
-                ckpt.abort(tmp)
-            raise
-        self._barrier()
-        if self._rank == 0:
-            ckpt.commit(tmp, path, {"step": self._version, "version": self._version})
-        self._barrier()
-        return path
+                ckpt.write_trainer_state(tmp, state)
+            save_rng_state(rng_file(tmp, self._rank), cuda="all")
+
+        return ckpt.save_on_ranks(
+            path,
+            shared_token(self._world),
+            write,
+            rank=self._rank,
+            barrier=self._barrier,
+            meta={"step": self._version, "version": self._version},
+        )
 
     def load(self, path: str | Path) -> None:
         """Restore model, optimizer, LR schedule, RNG, step and version from ``save(path)``."""
@@ -461,8 +420,7 @@ class TorchTrainer:
             set_optimizer_state_dict,
         )
 
-        path = ckpt.require_committed(path)
-        state = json.loads((path / "trainer_state.json").read_text())
+        path, state = ckpt.read_trainer_state(path)
         if state["world_size"] != self._world:
             log.warning(
                 "checkpoint %s was written by %d ranks, loading on %d: RNG state of rank 0 is used",
@@ -478,10 +436,8 @@ class TorchTrainer:
         self.scheduler.load_state_dict(
             torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True)
         )
-        rng = path / f"rng_rank{self._rank}.pt"
-        if not rng.exists():
-            rng = path / "rng_rank0.pt"
-        _set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+        rng = rng_file(path, self._rank)
+        load_rng_state(rng if rng.exists() else rng_file(path, 0))
         self._version = int(state["version"])
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -207,6 +207,8 @@ def test_checkpoint_resume_is_exact(tiny_models, make_megatron, tmp_path):
     first.forward_backward(steps[0])
     first.optim_step()
     first.save(tmp_path / "ckpt")
+    rng = torch.load(tmp_path / "ckpt" / "rng_rank0.pt", weights_only=False)
+    assert "model-parallel-rng" in rng["tracker"]  # Megatron's CUDA RNG tracker is saved too
     m1 = first.forward_backward(steps[1])
     m1 |= first.optim_step()
     w1 = first.hf_state_dict()

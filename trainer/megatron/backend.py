@@ -36,7 +36,8 @@ Checkpoint (``save``/``load``, one committed directory, trainer.checkpoint proto
 
     model_rank<R>.pt       this rank's Megatron state dict (its TP slice and experts)
     optimizer_rank<R>.pt   this rank's Megatron optimizer state (AdamW moments, fp32 masters)
-    rng_rank<R>.pt         torch / CUDA / numpy / python RNG states
+    rng_rank<R>.pt         torch / CUDA (this rank's device) / numpy / python RNG states and
+                           Megatron's CUDA RNG tracker states (``trainer.rng``)
     trainer_state.json     step, version, world layout, source model
     COMMITTED              written last
 
@@ -86,6 +87,7 @@ from trainer.export import write_hf_checkpoint
 from trainer.megatron import convert, parallel
 from trainer.megatron import model as mmodel
 from trainer.optim import lr_at
+from trainer.rng import load_rng_state, rng_file, save_rng_state
 
 __all__ = ["MegatronTrainer"]
 
@@ -93,29 +95,6 @@ log = logging.getLogger(__name__)
 
 # Tensors HF keeps in fp32 whatever the model dtype (MiMo's router), per architecture.
 _KEEP_FP32 = {"mimo_v2_flash": ("mlp.gate.weight", "e_score_correction_bias")}
-
-
-# The RNG state format differs from the torch backend's on purpose: checkpoints of each
-# backend are read only by that backend, and this one (one process per GPU) saves the current
-# device's CUDA state only; changing either would break loading existing checkpoints.
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np_state,
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 class MegatronTrainer:
@@ -519,45 +498,38 @@ class MegatronTrainer:
 
     def save(self, path: str | Path) -> Path:
         """Write a checkpoint into directory ``path`` atomically (see the module docstring)."""
-        path = Path(path)
         rank = self.par.rank
-        token = shared_token(self.par.world_size)
-        tmp = ckpt.temp_path(path, token)
-        if rank == 0:
-            tmp = ckpt.begin(path, token)
-        self._barrier()
-        try:
+        state = ckpt.trainer_state(
+            self._version,
+            self._layout_meta(),
+            self.model_cfg.path,
+            self.algorithm_cfg.loss,
+            backend="megatron",
+        )
+
+        def write(tmp: Path) -> None:
             model_sd = {
                 k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
                 for k, v in self.gpt.state_dict().items()
             }
             torch.save(model_sd, tmp / f"model_rank{rank}.pt")
             torch.save(self.optimizer.state_dict(), tmp / f"optimizer_rank{rank}.pt")
-            torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+            save_rng_state(rng_file(tmp, rank), cuda="current", tracker=parallel.rng_tracker())
             if rank == 0:
-                state = {
-                    "step": self._version,
-                    "version": self._version,
-                    **self._layout_meta(),
-                    "model_path": str(self.model_cfg.path),
-                    "loss": self.algorithm_cfg.loss,
-                    "backend": "megatron",
-                }
-                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        except BaseException:
-            if rank == 0:
-                ckpt.abort(tmp)
-            raise
-        self._barrier()
-        if rank == 0:
-            ckpt.commit(tmp, path, {"step": self._version, "version": self._version})
-        self._barrier()
-        return path
+                ckpt.write_trainer_state(tmp, state)
+
+        return ckpt.save_on_ranks(
+            path,
+            shared_token(self.par.world_size),
+            write,
+            rank=rank,
+            barrier=self._barrier,
+            meta={"step": self._version, "version": self._version},
+        )
 
     def load(self, path: str | Path) -> None:
         """Restore model, optimizer, RNG, step and version from ``save(path)`` (same layout)."""
-        path = ckpt.require_committed(path)
-        state = json.loads((path / "trainer_state.json").read_text())
+        path, state = ckpt.read_trainer_state(path)
         if state.get("backend") != "megatron":
             raise ValueError(f"{path} was not written by the Megatron backend")
         mine = self._layout_meta()
@@ -574,9 +546,7 @@ class MegatronTrainer:
         self.optimizer.load_state_dict(
             torch.load(path / f"optimizer_rank{rank}.pt", map_location="cpu", weights_only=False)
         )
-        _set_rng_state(
-            torch.load(path / f"rng_rank{rank}.pt", map_location="cpu", weights_only=False)
-        )
+        load_rng_state(rng_file(path, rank), tracker=parallel.rng_tracker())
         self._version = int(state["version"])
         self.optimizer.zero_grad()
         self.model.zero_grad_buffer()

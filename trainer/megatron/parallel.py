@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from mopd.config.schema import TrainerConfig
 from trainer.megatron import cpu_compat
 
-__all__ = ["ParallelLayout", "destroy_parallel", "free_port", "init_parallel"]
+__all__ = ["ParallelLayout", "destroy_parallel", "free_port", "init_parallel", "rng_tracker"]
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,14 @@ def init_parallel(
         if use_cuda
         else torch.device("cpu"),
     )
+
+
+def rng_tracker() -> Any:
+    """Megatron's CUDA RNG tracker, seeded by ``init_parallel``: named forks of the CUDA
+    generator (model-parallel regions), whose states a checkpoint saves with the others."""
+    from megatron.core import tensor_parallel
+
+    return tensor_parallel.get_cuda_rng_tracker()
 
 
 def destroy_parallel(*, keep_process_group: bool = False) -> None:
