@@ -7,11 +7,13 @@ role package (rollout, trainer, teachers, envs); import-linter enforces it.
 Modules:
     advantages  group-relative ORM advantages (GRPO, Dr. GRPO, RLOO)
     losses      MOPD (eq. 7-9), teacher-RL policy gradient, SFT; aggregation rules
+    loss_args   the losses' option strings and argument checks
+    stages      SFT, RL, MOPD as objects: what each needs, its loss from ``LossInputs``
     kl          k1/k2/k3 estimators, masked mean, train/rollout mismatch
     logprobs    chunked selective log-softmax, entropy, top-k log-probs
     routing     Rollout Routing Replay gate weights, route agreement, route dtype
     staleness   partial-rollout staleness and admission
-    registry    the one map from config strings to these functions
+    registry    the one map from config strings to these functions (stages: ``STAGES``)
 
 Shape-suffix legend (tensor names end in their dims):
     B  sequences in a batch          T  response tokens (positions) of a sequence

@@ -34,7 +34,9 @@ count. Samples with an empty mask are left out; an all-empty batch gives loss 0 
 NaN) gradient. Values at mask-off positions are never read, so padding may hold -inf or NaN.
 Inputs in bf16/fp16 are upcast: all math, the loss and the metrics are fp32.
 
-Every loss returns ``(loss, metrics)``: a 0-dim fp32 tensor and a dict of python floats.
+Every loss returns ``(loss, metrics)``: a 0-dim fp32 tensor and a dict of python floats. Their
+option strings and argument checks live in ``mopd.algo.loss_args`` (a ValueError naming the
+argument for a bad input); ``mopd.algo.stages`` calls them from a ``LossInputs`` record.
 
 Shape suffixes: B sequences, T response tokens, K top-k entries per position.
 """
@@ -48,6 +50,15 @@ import torch
 
 from mopd.algo._check import check_choice, check_same_shape, check_tensor
 from mopd.algo.kl import kl_k3
+from mopd.algo.loss_args import (
+    AGGREGATIONS,
+    IS_CORRECTIONS,
+    STUDENT_LOGPROB_SOURCES,
+    TEACHER_KL_MODES,
+    check_mopd_args,
+    check_pg_args,
+    check_sft_args,
+)
 
 __all__ = [
     "AGGREGATIONS",
@@ -61,11 +72,6 @@ __all__ = [
     "topk_reverse_kl",
 ]
 
-AGGREGATIONS = ("seq_mean_token_mean", "token_mean")
-IS_CORRECTIONS = ("mask", "truncate", "ppo_clip")
-TEACHER_KL_MODES = ("sampled", "topk")
-STUDENT_LOGPROB_SOURCES = ("train", "rollout")
-
 Metrics = dict[str, float]
 
 
@@ -74,59 +80,11 @@ Metrics = dict[str, float]
 # ---------------------------------------------------------------------------------------------
 
 
-def _valid_mask(mask_BT: torch.Tensor, ref_arg: str, ref_BT: torch.Tensor) -> torch.Tensor:
-    check_tensor("mask_BT", mask_BT, ndim=2)
-    check_same_shape("mask_BT", mask_BT, ref_arg, ref_BT)
-    return mask_BT if mask_BT.dtype == torch.bool else mask_BT != 0
-
-
 def _clean(x_BT: torch.Tensor, valid_BT: torch.Tensor) -> torch.Tensor:
     """fp32 copy with mask-off entries set to 0. ``where`` (not a product) keeps an inf/NaN in
     padding out of both the forward value and the gradient."""
     zero = torch.zeros((), dtype=torch.float32, device=x_BT.device)
     return torch.where(valid_BT, x_BT.float(), zero)
-
-
-def _check_logp(arg: str, x: object, ref_BT: torch.Tensor | None = None) -> torch.Tensor:
-    x = check_tensor(arg, x, ndim=2)
-    if not x.is_floating_point():
-        raise ValueError(f"{arg} must be a floating tensor of log-probs, got dtype {x.dtype}")
-    if ref_BT is not None:
-        check_same_shape(arg, x, "logp_train_BT", ref_BT)
-    return x
-
-
-def _check_finite(valid_BT: torch.Tensor, **named: torch.Tensor) -> None:
-    """One host sync for all inputs: a NaN/inf on a valid token is a caller bug, not padding."""
-    names = list(named)
-    bad = torch.stack([(~torch.isfinite(x) & valid_BT).any() for x in named.values()]).tolist()
-    offenders = [n for n, b in zip(names, bad) if b]
-    if offenders:
-        raise ValueError(
-            f"{', '.join(offenders)} hold NaN or inf on tokens where mask_BT is on; "
-            "mask those tokens out or fix the log-prob computation"
-        )
-
-
-def _check_float(arg: str, value: float, *, lo: float | None = None) -> None:
-    if not isinstance(value, int | float) or math.isnan(value):
-        raise ValueError(f"{arg}={value!r} must be a real number")
-    if lo is not None and value < lo:
-        raise ValueError(f"{arg}={value!r} must be >= {lo}")
-
-
-def _adv_tokens(adv: torch.Tensor, arg: str, ref_BT: torch.Tensor) -> torch.Tensor:
-    """Accept a sequence advantage [B] (broadcast to tokens) or a token advantage [B, T]."""
-    check_tensor(arg, adv)
-    B, T = ref_BT.shape
-    if adv.shape == (B,):
-        return adv.float()[:, None].expand(B, T)
-    if adv.shape == (B, T):
-        return adv.float()
-    raise ValueError(
-        f"{arg} has shape {tuple(adv.shape)}; expected [B]={B} (one advantage per sample) "
-        f"or [B, T]={B, T} (per token)"
-    )
 
 
 def aggregate(per_token_BT: torch.Tensor, valid_BT: torch.Tensor, aggregation: str) -> torch.Tensor:
@@ -176,25 +134,6 @@ def _is_mask_weights(
     keep_BT = (r_BT >= eps_low) & (r_BT <= eps_high) & valid_BT
     w_BT = torch.where(keep_BT, r_BT, torch.zeros_like(r_BT))
     return r_BT, w_BT, valid_BT & ~keep_BT
-
-
-def _common_checks(
-    logp_train_BT: torch.Tensor,
-    logp_rollout_BT: torch.Tensor,
-    mask_BT: torch.Tensor,
-    aggregation: str,
-) -> torch.Tensor:
-    _check_logp("logp_train_BT", logp_train_BT)
-    _check_logp("logp_rollout_BT", logp_rollout_BT, logp_train_BT)
-    check_choice("aggregation", aggregation, AGGREGATIONS)
-    return _valid_mask(mask_BT, "logp_train_BT", logp_train_BT)
-
-
-def _check_eps(eps_low: float, eps_high: float) -> None:
-    _check_float("eps_low", eps_low, lo=0.0)
-    _check_float("eps_high", eps_high, lo=0.0)
-    if eps_low > eps_high:
-        raise ValueError(f"eps_low={eps_low} must be <= eps_high={eps_high}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,95 +231,99 @@ def mopd_loss(
         teacher_log_ratio (mean teacher term over valid tokens; its negation estimates the
         reverse KL to the teacher), orm_adv_mean, adv_mean (mean A_t).
     """
-    valid_BT = _common_checks(logp_train_BT, logp_rollout_BT, mask_BT, aggregation)
-    check_choice("student_logprob_source", student_logprob_source, STUDENT_LOGPROB_SOURCES)
-    check_choice("teacher_kl", teacher_kl, TEACHER_KL_MODES)
-    _check_float("alpha", alpha)
-    _check_eps(eps_low, eps_high)
-    adv_orm_BT = _adv_tokens(adv_orm_B, "adv_orm_B", logp_train_BT)
-
-    finite_inputs = {
-        "logp_train_BT": logp_train_BT,
-        "logp_rollout_BT": logp_rollout_BT,
-        "adv_orm_B": adv_orm_BT,
-    }
-    if teacher_kl == "sampled":
-        if logp_teacher_BT is None:
-            raise ValueError("logp_teacher_BT is required when teacher_kl='sampled'")
-        if teacher_topk_logp_BTK is not None or student_topk_logp_BTK is not None:
-            raise ValueError(
-                "teacher_topk_logp_BTK/student_topk_logp_BTK were given but teacher_kl='sampled' "
-                "ignores them; set teacher_kl='topk' or drop them"
-            )
-        _check_logp("logp_teacher_BT", logp_teacher_BT, logp_train_BT)
-        finite_inputs["logp_teacher_BT"] = logp_teacher_BT
-    else:
-        if teacher_topk_logp_BTK is None or student_topk_logp_BTK is None:
-            raise ValueError(
-                "teacher_kl='topk' needs both teacher_topk_logp_BTK and student_topk_logp_BTK "
-                "([B, T, K] log-probs at the teacher's top-k token ids)"
-            )
-        for name, x in (
-            ("teacher_topk_logp_BTK", teacher_topk_logp_BTK),
-            ("student_topk_logp_BTK", student_topk_logp_BTK),
-        ):
-            check_tensor(name, x, ndim=3)
-            if x.shape[:2] != logp_train_BT.shape:
-                raise ValueError(
-                    f"{name} has shape {tuple(x.shape)}; its first two dims must match "
-                    f"logp_train_BT {tuple(logp_train_BT.shape)}"
-                )
-    _check_finite(valid_BT, **finite_inputs)
-
+    valid_BT, adv_orm_BT = check_mopd_args(
+        logp_train_BT, logp_rollout_BT, logp_teacher_BT, adv_orm_B, mask_BT,
+        alpha=alpha, eps_low=eps_low, eps_high=eps_high, aggregation=aggregation,
+        student_logprob_source=student_logprob_source, teacher_kl=teacher_kl,
+        teacher_topk_logp_BTK=teacher_topk_logp_BTK, student_topk_logp_BTK=student_topk_logp_BTK,
+    )  # fmt: skip
     logp_train_c = _clean(logp_train_BT, valid_BT)  # carries the gradient
     logp_rollout_c = _clean(logp_rollout_BT, valid_BT).detach()
     r_BT, w_BT, zeroed_BT = _is_mask_weights(
         logp_train_c - logp_rollout_c, valid_BT, eps_low, eps_high
     )
 
-    kl_BT = None
     if teacher_kl == "sampled":
         assert logp_teacher_BT is not None
-        with torch.no_grad():
-            logp_student_c = logp_train_c if student_logprob_source == "train" else logp_rollout_c
-            teacher_term_BT = _clean(logp_teacher_BT, valid_BT) - logp_student_c
-            adv_BT = _clean(teacher_term_BT + alpha * adv_orm_BT, valid_BT)
+        logp_student_c = logp_train_c if student_logprob_source == "train" else logp_rollout_c
+        teacher_term_BT, adv_BT = _sampled_advantage(
+            logp_teacher_BT, logp_student_c, alpha, adv_orm_BT, valid_BT
+        )
+        per_token_BT = -(w_BT * adv_BT) * logp_train_c
     else:
         assert teacher_topk_logp_BTK is not None and student_topk_logp_BTK is not None
-        kl_BT = topk_reverse_kl(teacher_topk_logp_BTK, student_topk_logp_BTK)
-        if bool((~torch.isfinite(kl_BT.detach()) & valid_BT).any()):
-            raise ValueError(
-                "the top-k reverse KL is not finite on some valid tokens: each needs at "
-                "least one finite teacher top-k log-prob and finite student log-probs there"
-            )
-        kl_BT = _clean(kl_BT, valid_BT)  # a loss term: the student's top-k side is differentiated
+        kl_BT = _topk_kl_term(teacher_topk_logp_BTK, student_topk_logp_BTK, valid_BT)
         teacher_term_BT = -kl_BT.detach()
-        # The top-k term is a loss term of its own (below), not part of the advantage.
+        # The top-k term is a loss term of its own, not part of the advantage.
         adv_BT = _clean(alpha * adv_orm_BT, valid_BT).detach()
-
-    per_token_BT = -(w_BT * adv_BT) * logp_train_c
-    if kl_BT is not None:
-        per_token_BT = per_token_BT + w_BT * kl_BT
+        per_token_BT = -(w_BT * adv_BT) * logp_train_c + w_BT * kl_BT
     loss = aggregate(per_token_BT, valid_BT, aggregation)
 
-    with torch.no_grad():
-        num_tokens = valid_BT.sum()
-        metrics = _to_floats(
-            loss=loss,
-            num_tokens=num_tokens,
-            num_samples=valid_BT.any(dim=1).sum(),
-            masked_fraction=zeroed_BT.sum() / num_tokens.clamp_min(1),
-            is_ratio_mean=_masked_mean(r_BT, valid_BT),
-            is_ratio_abs_dev=_masked_mean((r_BT - 1).abs(), valid_BT),
-            teacher_log_ratio=_masked_mean(teacher_term_BT, valid_BT),
-            orm_adv_mean=_orm_mean(adv_orm_B, valid_BT),
-            adv_mean=_masked_mean(adv_BT, valid_BT),
-        )
-        if domains_B is not None:
-            metrics |= _per_domain_metrics(
-                domains_B, valid_BT, zeroed_BT, r_BT, teacher_term_BT, adv_orm_B
-            )
+    metrics = _mopd_metrics(
+        loss, valid_BT, zeroed_BT, r_BT, teacher_term_BT, adv_orm_B, adv_BT, domains_B
+    )
     return loss, metrics
+
+
+@torch.no_grad()
+def _sampled_advantage(
+    logp_teacher_BT: torch.Tensor,
+    logp_student_c: torch.Tensor,
+    alpha: float,
+    adv_orm_BT: torch.Tensor,
+    valid_BT: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(teacher term, A_t)`` of eq. 8 at the sampled tokens, both constants (stop-gradient):
+    logp_teacher_t - logp_student_t, and that plus alpha * A_orm."""
+    teacher_term_BT = _clean(logp_teacher_BT, valid_BT) - logp_student_c
+    return teacher_term_BT, _clean(teacher_term_BT + alpha * adv_orm_BT, valid_BT)
+
+
+def _topk_kl_term(
+    teacher_topk_logp_BTK: torch.Tensor,
+    student_topk_logp_BTK: torch.Tensor,
+    valid_BT: torch.Tensor,
+) -> torch.Tensor:
+    """[B, T] the top-k reverse KL on valid tokens (0 elsewhere), differentiable through the
+    student's top-k log-probs; a ValueError where it is not finite on a valid token."""
+    kl_BT = topk_reverse_kl(teacher_topk_logp_BTK, student_topk_logp_BTK)
+    if bool((~torch.isfinite(kl_BT.detach()) & valid_BT).any()):
+        raise ValueError(
+            "the top-k reverse KL is not finite on some valid tokens: each needs at "
+            "least one finite teacher top-k log-prob and finite student log-probs there"
+        )
+    return _clean(kl_BT, valid_BT)
+
+
+@torch.no_grad()
+def _mopd_metrics(
+    loss: torch.Tensor,
+    valid_BT: torch.Tensor,
+    zeroed_BT: torch.Tensor,
+    r_BT: torch.Tensor,
+    teacher_term_BT: torch.Tensor,
+    adv_orm: torch.Tensor,
+    adv_BT: torch.Tensor,
+    domains_B: Sequence[str] | None,
+) -> Metrics:
+    """The metrics ``mopd_loss`` documents, per domain too when ``domains_B`` is given."""
+    num_tokens = valid_BT.sum()
+    metrics = _to_floats(
+        loss=loss,
+        num_tokens=num_tokens,
+        num_samples=valid_BT.any(dim=1).sum(),
+        masked_fraction=zeroed_BT.sum() / num_tokens.clamp_min(1),
+        is_ratio_mean=_masked_mean(r_BT, valid_BT),
+        is_ratio_abs_dev=_masked_mean((r_BT - 1).abs(), valid_BT),
+        teacher_log_ratio=_masked_mean(teacher_term_BT, valid_BT),
+        orm_adv_mean=_orm_mean(adv_orm, valid_BT),
+        adv_mean=_masked_mean(adv_BT, valid_BT),
+    )
+    if domains_B is not None:
+        metrics |= _per_domain_metrics(
+            domains_B, valid_BT, zeroed_BT, r_BT, teacher_term_BT, adv_orm
+        )
+    return metrics
 
 
 def _per_domain_metrics(
@@ -454,26 +397,11 @@ def policy_gradient_loss(
         PPO term is active), is_ratio_mean, is_ratio_abs_dev, orm_adv_mean, and kl_ref when
         ``logp_ref_BT`` is given.
     """
-    valid_BT = _common_checks(logp_train_BT, logp_rollout_BT, mask_BT, aggregation)
-    check_choice("is_correction", is_correction, IS_CORRECTIONS)
-    _check_eps(eps_low, eps_high)
-    _check_float("clip_low", clip_low, lo=0.0)
-    _check_float("clip_high", clip_high, lo=0.0)
-    if clip_low >= 1.0:
-        raise ValueError(f"clip_low={clip_low} must be < 1 (the ratio is clipped at 1 - clip_low)")
-    _check_float("kl_coef", kl_coef, lo=0.0)
-    if kl_coef > 0 and logp_ref_BT is None:
-        raise ValueError(f"kl_coef={kl_coef} needs logp_ref_BT (reference-policy log-probs)")
-    adv_BT = _adv_tokens(adv_B, "adv_B", logp_train_BT)
-    finite_inputs = {
-        "logp_train_BT": logp_train_BT,
-        "logp_rollout_BT": logp_rollout_BT,
-        "adv_B": adv_BT,
-    }
-    if logp_ref_BT is not None:
-        _check_logp("logp_ref_BT", logp_ref_BT, logp_train_BT)
-        finite_inputs["logp_ref_BT"] = logp_ref_BT
-    _check_finite(valid_BT, **finite_inputs)
+    valid_BT, adv_BT = check_pg_args(
+        logp_train_BT, logp_rollout_BT, adv_B, mask_BT,
+        is_correction=is_correction, eps_low=eps_low, eps_high=eps_high, clip_low=clip_low,
+        clip_high=clip_high, logp_ref_BT=logp_ref_BT, kl_coef=kl_coef, aggregation=aggregation,
+    )  # fmt: skip
 
     logp_train_c = _clean(logp_train_BT, valid_BT)
     logp_rollout_c = _clean(logp_rollout_BT, valid_BT).detach()
@@ -535,10 +463,7 @@ def sft_loss(
     logp_BT: [B, T] log-probs of the target tokens; mask_BT: [B, T] on for response tokens.
     Metrics: loss, nll (token-mean NLL whatever the aggregation), num_tokens, num_samples.
     """
-    _check_logp("logp_BT", logp_BT)
-    check_choice("aggregation", aggregation, AGGREGATIONS)
-    valid_BT = _valid_mask(mask_BT, "logp_BT", logp_BT)
-    _check_finite(valid_BT, logp_BT=logp_BT)
+    valid_BT = check_sft_args(logp_BT, mask_BT, aggregation)
     nll_BT = -_clean(logp_BT, valid_BT)
     loss = aggregate(nll_BT, valid_BT, aggregation)
     with torch.no_grad():
