@@ -384,7 +384,7 @@ def token_metrics(
     cfg: AlgorithmConfig,
     version: int,
 ) -> None:
-    """Add a micro-batch's ``entropy``, ``train_rollout_k3`` (losses other than sft),
+    """Add a micro-batch's ``entropy``, ``train_rollout_k3`` (stages that sample: not sft),
     ``staleness_max`` (against the trainer's ``version``), and per domain
     ``teacher_log_ratio/<d>`` (student side: the log-probs ``cfg.student_logprob_source``
     names) and ``orm_adv/<d>``; all token-weighted except ``orm_adv`` (per sample)."""
@@ -392,7 +392,7 @@ def token_metrics(
         return
     logp_BT = logp_BT.detach()
     m.add_mean("entropy", float(entropy_from_logits(logits_MV.detach()).mean()), ntok)
-    if stage_for(cfg.loss).generates:  # SFT targets were not sampled: no rollout policy
+    if stage_for(cfg.loss).measures_train_rollout_mismatch:
         k3 = train_rollout_mismatch(b.logp_rollout_BT, logp_BT, b.mask_BT)
         m.add_mean("train_rollout_k3", float(k3), ntok)
     if mb.versions_N is not None and mb.loss_mask_N.any():

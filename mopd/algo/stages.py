@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -59,67 +59,11 @@ class LossInputs:
     """[B, T, K] the student's log-probs at the teacher's top-k ids (differentiable)."""
 
 
-def _sft(x: LossInputs, kwargs: dict[str, Any]) -> LossResult:
-    return sft_loss(x.logp_train_BT, x.mask_BT, **kwargs)
-
-
-def _rl(x: LossInputs, kwargs: dict[str, Any]) -> LossResult:
-    return policy_gradient_loss(
-        x.logp_train_BT, x.logp_rollout_BT, x.adv_orm_B, x.mask_BT, **kwargs
-    )
-
-
-def _mopd(x: LossInputs, kwargs: dict[str, Any]) -> LossResult:
-    if x.logp_teacher_BT is None:
-        raise ValueError(
-            "algorithm.loss=mopd needs teacher log-probs, but a micro-batch has none; "
-            "score every sample with its domain teacher before training"
-        )
-    if kwargs["teacher_kl"] == "topk":
-        return mopd_loss(
-            x.logp_train_BT, x.logp_rollout_BT, None, x.adv_orm_B, x.mask_BT, **kwargs,
-            teacher_topk_logp_BTK=x.teacher_topk_logp_BTK,
-            student_topk_logp_BTK=x.student_topk_logp_BTK,
-        )  # fmt: skip
-    return mopd_loss(
-        x.logp_train_BT, x.logp_rollout_BT, x.logp_teacher_BT, x.adv_orm_B, x.mask_BT, **kwargs
-    )
-
-
-def _sft_kwargs(cfg: AlgorithmConfig) -> dict[str, Any]:
-    return {"aggregation": cfg.aggregation}
-
-
-def _rl_kwargs(cfg: AlgorithmConfig) -> dict[str, Any]:
-    if cfg.kl_coef > 0:
-        raise ValueError(
-            f"algorithm.kl_coef={cfg.kl_coef}: the KL penalty needs reference-policy "
-            "log-probs, which micro-batches do not carry yet; set algorithm.kl_coef=0"
-        )
-    return {
-        "is_correction": cfg.is_correction,
-        "eps_low": cfg.eps_low,
-        "eps_high": cfg.eps_high,
-        "clip_low": cfg.clip_low,
-        "clip_high": cfg.clip_high,
-        "aggregation": cfg.aggregation,
-    }
-
-
-def _mopd_kwargs(cfg: AlgorithmConfig) -> dict[str, Any]:
-    return {
-        "alpha": cfg.alpha,
-        "eps_low": cfg.eps_low,
-        "eps_high": cfg.eps_high,
-        "aggregation": cfg.aggregation,
-        "student_logprob_source": cfg.student_logprob_source,
-        "teacher_kl": cfg.teacher_kl,
-    }
-
-
 @dataclass(frozen=True)
 class Stage:
-    """One training stage: what it needs from the run and the loss it trains with."""
+    """One training stage: what it needs from the run and the loss it trains with. Each stage
+    is a subclass that says how its pure loss (``loss_fn``) reads a ``LossInputs`` record
+    (``loss``) and which of the algorithm config's fields it takes (``loss_kwargs``)."""
 
     name: str
     generates: bool
@@ -130,10 +74,11 @@ class Stage:
     MOPD); teacher services are started and each group is scored before it is published."""
     needs_group_signal: bool
     """The group advantage is the only learning signal (RL): a group of one teaches nothing."""
-    loss_fn: Callable[..., LossResult]
+
+    loss_fn: ClassVar[Callable[..., LossResult]]
     """The pure loss of ``mopd.algo.losses`` (its equations are in its docstring)."""
-    _call: Callable[[LossInputs, dict[str, Any]], LossResult]
-    _kwargs: Callable[[AlgorithmConfig], dict[str, Any]]
+    config_fields: ClassVar[tuple[str, ...]]
+    """The ``AlgorithmConfig`` fields ``loss_fn`` takes, as keyword arguments of the same name."""
 
     @property
     def syncs_weights_every_step(self) -> bool:
@@ -146,6 +91,13 @@ class Stage:
         """Every prompt must carry its reference answer (it is the training target)."""
         return not self.generates
 
+    @property
+    def measures_train_rollout_mismatch(self) -> bool:
+        """Micro-batches carry the rollout engine's log-probs of sampled tokens, so the trainer
+        reports how far its own log-probs are from them (``train_rollout_k3``). SFT targets
+        were not sampled: there is no rollout policy to compare with."""
+        return self.generates
+
     def wants_topk(self, cfg: AlgorithmConfig) -> bool:
         """Whether the loss reads the teacher's and the student's top-k log-probs."""
         return self.uses_teacher and cfg.teacher_kl == "topk"
@@ -153,17 +105,80 @@ class Stage:
     def loss_kwargs(self, cfg: AlgorithmConfig) -> dict[str, Any]:
         """The loss's keyword arguments from the algorithm config (a ValueError naming the
         field for a setting this stage cannot honour)."""
-        return self._kwargs(cfg)
+        return {name: getattr(cfg, name) for name in self.config_fields}
 
     def loss(self, inputs: LossInputs, **kwargs: Any) -> LossResult:
         """``(loss, metrics)`` of one micro-batch; ``kwargs`` from ``loss_kwargs``."""
-        return self._call(inputs, kwargs)
+        raise NotImplementedError
+
+
+class _SftStage(Stage):
+    """Stage 1: cross-entropy on the reference answers."""
+
+    loss_fn = staticmethod(sft_loss)
+    config_fields = ("aggregation",)
+
+    def loss(self, inputs: LossInputs, **kwargs: Any) -> LossResult:
+        return sft_loss(inputs.logp_train_BT, inputs.mask_BT, **kwargs)
+
+
+class _RlStage(Stage):
+    """Stage 2: teacher RL, the policy gradient on the ORM group advantage."""
+
+    loss_fn = staticmethod(policy_gradient_loss)
+    config_fields = ("is_correction", "eps_low", "eps_high", "clip_low", "clip_high", "aggregation")
+
+    def loss_kwargs(self, cfg: AlgorithmConfig) -> dict[str, Any]:
+        if cfg.kl_coef > 0:
+            raise ValueError(
+                f"algorithm.kl_coef={cfg.kl_coef}: the KL penalty needs reference-policy "
+                "log-probs, which micro-batches do not carry yet; set algorithm.kl_coef=0"
+            )
+        return super().loss_kwargs(cfg)
+
+    def loss(self, inputs: LossInputs, **kwargs: Any) -> LossResult:
+        x = inputs
+        return policy_gradient_loss(
+            x.logp_train_BT, x.logp_rollout_BT, x.adv_orm_B, x.mask_BT, **kwargs
+        )
+
+
+class _MopdStage(Stage):
+    """Stage 3: multi-teacher on-policy distillation (the teacher term plus the ORM term)."""
+
+    loss_fn = staticmethod(mopd_loss)
+    config_fields = (
+        "alpha",
+        "eps_low",
+        "eps_high",
+        "aggregation",
+        "student_logprob_source",
+        "teacher_kl",
+    )
+
+    def loss(self, inputs: LossInputs, **kwargs: Any) -> LossResult:
+        x = inputs
+        if x.logp_teacher_BT is None:
+            raise ValueError(
+                "algorithm.loss=mopd needs teacher log-probs, but a micro-batch has none; "
+                "score every sample with its domain teacher before training"
+            )
+        if kwargs["teacher_kl"] == "topk":
+            return mopd_loss(
+                x.logp_train_BT, x.logp_rollout_BT, None, x.adv_orm_B, x.mask_BT, **kwargs,
+                teacher_topk_logp_BTK=x.teacher_topk_logp_BTK,
+                student_topk_logp_BTK=x.student_topk_logp_BTK,
+            )  # fmt: skip
+        return mopd_loss(
+            x.logp_train_BT, x.logp_rollout_BT, x.logp_teacher_BT, x.adv_orm_B, x.mask_BT,
+            **kwargs,
+        )  # fmt: skip
 
 
 STAGES: dict[str, Stage] = {
-    "sft": Stage("sft", False, False, False, sft_loss, _sft, _sft_kwargs),
-    "rl": Stage("rl", True, False, True, policy_gradient_loss, _rl, _rl_kwargs),
-    "mopd": Stage("mopd", True, True, False, mopd_loss, _mopd, _mopd_kwargs),
+    "sft": _SftStage("sft", generates=False, uses_teacher=False, needs_group_signal=False),
+    "rl": _RlStage("rl", generates=True, uses_teacher=False, needs_group_signal=True),
+    "mopd": _MopdStage("mopd", generates=True, uses_teacher=True, needs_group_signal=False),
 }
 
 

@@ -39,6 +39,7 @@ def test_what_each_stage_needs():
     assert (rl.generates, rl.uses_teacher, rl.needs_group_signal) == (True, False, True)
     assert (mopd.generates, mopd.uses_teacher, mopd.needs_group_signal) == (True, True, False)
     assert [s.syncs_weights_every_step for s in (sft, rl, mopd)] == [False, True, True]
+    assert [s.measures_train_rollout_mismatch for s in (sft, rl, mopd)] == [False, True, True]
     cfg = AlgorithmConfig(loss="mopd", teacher_kl="topk")
     assert mopd.wants_topk(cfg) and not rl.wants_topk(cfg)
     assert {"sft": sft_loss, "rl": policy_gradient_loss, "mopd": mopd_loss} == registry.LOSSES
@@ -109,3 +110,17 @@ def test_one_max_staleness_check_for_config_scheduler_and_admission():
     run.scheduler = SchedulerConfig(mode="async", max_staleness=-1)
     problems = [str(p) for p in validate(run)]
     assert any("scheduler.max_staleness" in p and "bad value -1" in p for p in problems), problems
+
+
+def test_config_fields_are_loss_keywords_and_config_fields():
+    import dataclasses
+    import inspect
+
+    config = {f.name for f in dataclasses.fields(AlgorithmConfig)}
+    for stage in STAGES.values():
+        params = inspect.signature(stage.loss_fn).parameters
+        for name in stage.config_fields:
+            assert name in config, (stage.name, name)
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, (stage.name, name)
+        cfg = AlgorithmConfig(loss=stage.name)
+        assert stage.loss_kwargs(cfg) == {n: getattr(cfg, n) for n in stage.config_fields}
