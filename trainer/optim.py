@@ -23,7 +23,7 @@ import torch
 
 from mopd.config.schema import LR_SCHEDULES, TrainerConfig
 
-__all__ = ["LRSchedule", "build_optimizer", "build_scheduler", "lr_at"]
+__all__ = ["LRSchedule", "build_optimizer", "build_scheduler", "lr_at", "step_metrics"]
 
 
 def lr_at(step: int, cfg: TrainerConfig) -> float:
@@ -96,3 +96,14 @@ def build_scheduler(
     lr_at(0, cfg)  # validates the schedule name up front
     fn = LRSchedule(cfg.lr, cfg.min_lr, cfg.lr_schedule, int(cfg.warmup_steps), int(cfg.steps))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=fn)
+
+
+def step_metrics(grad_norm: float, lr: float, version: int, skipped: bool) -> dict[str, float]:
+    """What ``optim_step`` returns in every backend: the global grad norm before clipping, the
+    LR of the update, the version after it, and whether a non-finite norm skipped it."""
+    return {
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "version": float(version),
+        "optim_skipped": float(skipped),
+    }

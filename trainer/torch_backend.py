@@ -90,7 +90,7 @@ from trainer.common import (
     token_metrics,
 )
 from trainer.export import export_hf_checkpoint, named_tensors_for_handoff, serialize_named_tensors
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.optim import build_optimizer, build_scheduler, step_metrics
 from trainer.r3_hooks import RoutingReplay
 from trainer.rng import load_rng_state, rng_file, save_rng_state
 
@@ -356,12 +356,7 @@ class TorchTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._version += 1
-        return {
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "version": float(self._version),
-            "optim_skipped": float(skipped),
-        }
+        return step_metrics(grad_norm, lr, self._version, skipped)
 
     # ------------------------------------------------------------------ state
 

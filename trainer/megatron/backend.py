@@ -26,7 +26,8 @@ layer, the micro-batch's replayed ids are set as targets; the forward runs in
 recomputed and the router keeps its gradient), the backward in ``REPLAY_BACKWARD`` (activation
 recompute pops the same ids). Megatron's own top-k is recorded before it is replaced
 (``AgreementRouterReplay``): ``route_agreement`` is measured with R3 on and off (off:
-``RECORD`` mode), ``train_rollout_k3`` every step.
+``RECORD`` mode), ``train_rollout_k3`` every step. ``trainer.megatron.router.RouteReplay``
+drives the layers' replays per micro-batch.
 
 Learning rate: ``trainer.optim.lr_at`` (the torch backend's schedule) sets the param groups'
 ``lr`` (times Megatron's ``lr_mult``) before every step; weight decay on matrices only (Megatron's
@@ -68,7 +69,6 @@ from mopd.config.schema import AlgorithmConfig, ModelConfig, TrainerConfig
 from mopd.types import MicroBatch
 from trainer import checkpoint as ckpt
 from trainer.common import (
-    NO_ROUTES_WARNING,
     PackedBatch,
     RegistryLoss,
     StepMetrics,
@@ -86,7 +86,8 @@ from trainer.common import (
 from trainer.export import write_hf_checkpoint
 from trainer.megatron import convert, parallel
 from trainer.megatron import model as mmodel
-from trainer.optim import lr_at
+from trainer.megatron.router import RouteReplay
+from trainer.optim import lr_at, step_metrics
 from trainer.rng import load_rng_state, rng_file, save_rng_state
 
 __all__ = ["MegatronTrainer"]
@@ -196,12 +197,13 @@ class MegatronTrainer:
             ep=self.par.ep,
         )
         self.gpt = gpt
-        self._replays = mmodel.replay_routers(gpt)
-        if len(self._replays) != len(self.layout.moe_layer_ids):
-            raise RuntimeError(
-                f"found {len(self._replays)} router replays for "
-                f"{len(self.layout.moe_layer_ids)} MoE layers"
-            )
+        self.r3 = RouteReplay(
+            gpt,
+            self.layout,
+            replay=trainer_cfg.routing_replay,
+            tp=self.par.tp,
+            tp_rank=self.par.tp_rank,
+        )
         # The plain Megatron optimizer wrapper (fp32 master weights on every rank): its state
         # dict saves per rank; the distributed optimizer would need Megatron's own checkpoints.
         use_dist_opt = False
@@ -234,7 +236,6 @@ class MegatronTrainer:
         )
         self._version = 0
         self._set_lr()
-        self._warned_no_routes = False
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -273,7 +274,7 @@ class MegatronTrainer:
             self.device,
             self.layout.vocab_size,
             run_tokens=run_tokens,
-            select_routes=lambda r: self._moe_routes(r).astype(np.int64),
+            select_routes=lambda r: self.r3.moe_routes(r).astype(np.int64),
         )
 
     def _run_lengths(self, micro_batches: Sequence[MicroBatch]) -> list[int]:
@@ -298,91 +299,6 @@ class MegatronTrainer:
         tp = self.par.tp
         return [-(-n // tp) * tp for n in lengths]
 
-    def _moe_routes(self, routes_NLk: np.ndarray) -> np.ndarray:
-        """Routes of the MoE layers: [N, L_moe, k] as given, or the MoE rows of a route array
-        with one row per decoder layer (SGLang's raw layout)."""
-        lay = self.layout
-        L = routes_NLk.shape[1]
-        if routes_NLk.shape[2] != lay.topk:
-            raise ValueError(
-                f"routes_NLk has k={routes_NLk.shape[2]} experts per token; the model routes "
-                f"to {lay.topk}"
-            )
-        if len(lay.moe_layer_ids) == L:
-            out = routes_NLk
-        elif lay.num_layers == L:
-            out = routes_NLk[:, list(lay.moe_layer_ids)]
-        else:
-            raise ValueError(
-                f"routes_NLk covers {L} layers; the model has {len(lay.moe_layer_ids)} MoE "
-                f"layers of {lay.num_layers}"
-            )
-        if out.size and int(out.max()) >= lay.num_experts:
-            raise ValueError(
-                f"routes_NLk holds expert id {int(out.max())} but the model has "
-                f"{lay.num_experts} experts; were the routes recorded for another model?"
-            )
-        return out
-
-    # ------------------------------------------------------------------ R3
-
-    def _bind_routes(self, b: PackedBatch) -> None:
-        """Set every MoE layer's RouterReplay for this micro-batch's forward."""
-        from megatron.core.transformer.moe.router_replay import RouterReplayAction
-
-        for r in self._replays:
-            r.clear_indices()
-        if b.routes_NLk is None:
-            if self.trainer_cfg.routing_replay and not self._warned_no_routes:
-                log.warning(NO_ROUTES_WARNING)
-                self._warned_no_routes = True
-            for r in self._replays:
-                r.clear_router_replay_action()
-            return
-        routes = self._local_rows(b.routes_NLk)
-        if self.trainer_cfg.routing_replay:
-            for j, r in enumerate(self._replays):
-                r.set_target_indices(routes[:, j].contiguous())
-                r.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
-        else:
-            for r in self._replays:
-                r.set_router_replay_action(RouterReplayAction.RECORD)
-
-    def _local_rows(self, x_N: torch.Tensor) -> torch.Tensor:
-        """The token rows this TP rank routes (sequence parallelism splits the row)."""
-        if self.par.tp == 1:
-            return x_N
-        n = x_N.shape[0] // self.par.tp
-        return x_N[self.par.tp_rank * n : (self.par.tp_rank + 1) * n]
-
-    def _agreement(self, b: PackedBatch) -> tuple[float, float]:
-        """(hits, entries) of the router's own top-k vs the replayed ids, this rank's rows."""
-        if b.routes_NLk is None:
-            return 0.0, 0.0
-        routes = self._local_rows(b.routes_NLk)
-        keep = self._local_rows(b.agree_N)
-        hits, total = 0.0, 0.0
-        for j, r in enumerate(self._replays):
-            own = r.own_topk_idx
-            if own is None:
-                continue
-            hit_Nk = (own[:, :, None] == routes[:, j, None, :]).any(-1)[keep]
-            hits += float(hit_Nk.sum())
-            total += float(hit_Nk.numel())
-        return hits, total
-
-    def _replay_backward(self) -> None:
-        from megatron.core.transformer.moe.router_replay import RouterReplayAction
-
-        for r in self._replays:
-            if r.router_replay_action == RouterReplayAction.REPLAY_FORWARD:
-                r.set_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
-
-    def _unbind_routes(self) -> None:
-        for r in self._replays:
-            r.clear_indices()
-            r.clear_router_replay_action()
-
     # ------------------------------------------------------------------ forward
 
     def _logits(self, b: PackedBatch) -> torch.Tensor:
@@ -401,11 +317,8 @@ class MegatronTrainer:
         out = []
         for mb, run in zip(micro_batches, self._run_lengths(micro_batches), strict=True):
             b = self._to_batch(mb, run)
-            self._bind_routes(b)
-            try:
+            with self.r3.bound(b):
                 logits_NV = self._logits(b)
-            finally:
-                self._unbind_routes()
             out.append(sequence_logprobs(logits_NV, b))
         return out
 
@@ -427,18 +340,15 @@ class MegatronTrainer:
         agree = [0.0, 0.0]
         for mb, weight, run in zip(micro_batches, weights, runs, strict=True):
             b = self._to_batch(mb, run)
-            self._bind_routes(b)
-            try:
+            with self.r3.bound(b):
                 logits_NV = self._logits(b)
-                hits, total = self._agreement(b)
+                hits, total = self.r3.agreement(b)
                 agree[0] += hits
                 agree[1] += total
                 logits_MV, logp_BT = loss_logprobs(logits_NV, b)
                 loss, lm = self._loss(logp_BT, b, logits_MV)
-                self._replay_backward()
+                self.r3.backward_pass()
                 (loss * (weight * self.par.dp)).backward()
-            finally:
-                self._unbind_routes()
             ntok = record_loss_metrics(m, lm, weight, b.num_tokens)
             token_metrics(m, mb, b, logits_MV, logp_BT, ntok, self.algorithm_cfg, self._version)
         if self.par.tp > 1:
@@ -480,12 +390,7 @@ class MegatronTrainer:
         self.model.zero_grad_buffer()
         self._version += 1
         self._set_lr()
-        return {
-            "grad_norm": grad_norm,
-            "lr": lr,
-            "version": float(self._version),
-            "optim_skipped": float(skipped),
-        }
+        return step_metrics(grad_norm, lr, self._version, skipped)
 
     # ------------------------------------------------------------------ state
 

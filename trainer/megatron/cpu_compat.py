@@ -26,7 +26,7 @@ not patches:
                                                 model.transformer_config)
     CUDA weight initialisation                  ``use_cpu_initialization`` on CPU
     te_general_gemm NameError without           the router's gating is our own plain F.linear
-      Transformer Engine (moe_utils)            (model.ReplayTopKRouter; also needed on GPUs
+      Transformer Engine (moe_utils)            (router.ReplayTopKRouter; also needed on GPUs
                                                 without TE)
     CUDA causal/sliding masks of the local      our own PackedCoreAttention (THD packing)
       DotProductAttention

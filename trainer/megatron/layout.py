@@ -1,7 +1,7 @@
 """What a Hugging Face config says about each decoder layer, for the Megatron model builder.
 
-``layout_from_hf`` reads a MiMo-V2-Flash or Qwen3-MoE config (a dict, a path's config.json
-or a transformers config) into a ``ModelLayout``: per layer its ``AttentionLayout`` (global or
+``layout_from_hf`` reads a MiMo-V2-Flash or Qwen3-MoE config (a ``config.json`` dict or a
+transformers config) into a ``ModelLayout``: per layer its ``AttentionLayout`` (global or
 sliding window, heads, head dims, RoPE, sinks) and whether it is MoE, plus the router's
 ``RouterLayout``. ``trainer.megatron.model`` builds the layers from it; ``convert`` maps the
 weights with it. Pure Python: no torch, no Megatron.
@@ -121,11 +121,35 @@ def _rope(params: dict[str, Any] | None, head_dim: int, default_theta: float, fi
     return theta, int(head_dim * factor)
 
 
-def _mimo_layout(cfg: dict[str, Any]) -> ModelLayout:
+def _dims(cfg: dict[str, Any]) -> tuple[int, int]:
+    """(decoder layers, q/k head dim)."""
     n = int(_need(cfg, "num_hidden_layers"))
     heads = int(_need(cfg, "num_attention_heads"))
     hidden = int(_need(cfg, "hidden_size"))
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    return n, int(cfg.get("head_dim") or hidden // heads)
+
+
+def _shared_fields(cfg: dict[str, Any], *, rms_eps: float) -> dict[str, Any]:
+    """The ``ModelLayout`` fields every architecture reads the same way (``rms_eps``: the
+    default of ``rms_norm_eps``, which differs)."""
+    return dict(
+        vocab_size=int(_need(cfg, "vocab_size")),
+        hidden_size=int(_need(cfg, "hidden_size")),
+        num_layers=int(_need(cfg, "num_hidden_layers")),
+        num_heads=int(_need(cfg, "num_attention_heads")),
+        ffn_hidden_size=int(_need(cfg, "intermediate_size")),
+        moe_ffn_hidden_size=int(_need(cfg, "moe_intermediate_size")),
+        num_experts=_num_experts(cfg),
+        topk=int(_need(cfg, "num_experts_per_tok")),
+        rms_eps=float(cfg.get("rms_norm_eps", rms_eps)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        init_std=float(cfg.get("initializer_range", 0.02)),
+        max_positions=int(cfg.get("max_position_embeddings", 4096)),
+    )
+
+
+def _mimo_layout(cfg: dict[str, Any]) -> ModelLayout:
+    n, head_dim = _dims(cfg)
     v_head_dim = int(cfg.get("v_head_dim") or head_dim)
     kv = int(_need(cfg, "num_key_value_heads"))
     # Same defaults as transformers' MiMoV2FlashConfig.__post_init__.
@@ -187,18 +211,7 @@ def _mimo_layout(cfg: dict[str, Any]) -> ModelLayout:
         )
     return ModelLayout(
         arch="mimo_v2_flash",
-        vocab_size=int(_need(cfg, "vocab_size")),
-        hidden_size=hidden,
-        num_layers=n,
-        num_heads=heads,
-        ffn_hidden_size=int(_need(cfg, "intermediate_size")),
-        moe_ffn_hidden_size=int(_need(cfg, "moe_intermediate_size")),
-        num_experts=_num_experts(cfg),
-        topk=topk,
-        rms_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        init_std=float(cfg.get("initializer_range", 0.02)),
-        max_positions=int(cfg.get("max_position_embeddings", 4096)),
+        **_shared_fields(cfg, rms_eps=1e-5),
         attention=tuple(attention),
         moe=tuple(t == "sparse" for t in mlp_types),
         router=RouterLayout(
@@ -214,10 +227,7 @@ def _mimo_layout(cfg: dict[str, Any]) -> ModelLayout:
 
 
 def _qwen3_moe_layout(cfg: dict[str, Any]) -> ModelLayout:
-    n = int(_need(cfg, "num_hidden_layers"))
-    heads = int(_need(cfg, "num_attention_heads"))
-    hidden = int(_need(cfg, "hidden_size"))
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    n, head_dim = _dims(cfg)
     if cfg.get("use_sliding_window"):
         raise ValueError("HF config use_sliding_window=true is not supported for Qwen3-MoE")
     if cfg.get("attention_bias"):
@@ -242,18 +252,7 @@ def _qwen3_moe_layout(cfg: dict[str, Any]) -> ModelLayout:
     norm = bool(cfg.get("norm_topk_prob", False))
     return ModelLayout(
         arch="qwen3_moe",
-        vocab_size=int(_need(cfg, "vocab_size")),
-        hidden_size=hidden,
-        num_layers=n,
-        num_heads=heads,
-        ffn_hidden_size=int(_need(cfg, "intermediate_size")),
-        moe_ffn_hidden_size=int(_need(cfg, "moe_intermediate_size")),
-        num_experts=experts,
-        topk=int(_need(cfg, "num_experts_per_tok")),
-        rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        init_std=float(cfg.get("initializer_range", 0.02)),
-        max_positions=int(cfg.get("max_position_embeddings", 4096)),
+        **_shared_fields(cfg, rms_eps=1e-6),
         attention=(layout,) * n,
         moe=moe,
         router=RouterLayout(
