@@ -26,11 +26,10 @@ import numpy as np
 
 from mopd.scheduler.scheduler import BatchSelection, DataScheduler
 from mopd.scheduler.stream import Delivery, TrainingStream
-from mopd.types import ScoredSample
 
 from .state import RunState
 
-__all__ = ["CONSUMER", "StreamLedger", "read_audit_log"]
+__all__ = ["CONSUMER", "StreamLedger", "read_audit_log", "staleness_metrics"]
 
 CONSUMER = "trainer"
 
@@ -192,10 +191,6 @@ def staleness_metrics(batch: list[Delivery], trained_at_version: int) -> dict[st
         "staleness/mean": float(np.mean(staleness)) if staleness else 0.0,
         "staleness/max": float(max(staleness, default=0)),
     }
-
-
-def batch_samples(batch: list[Delivery]) -> list[ScoredSample]:
-    return [d.sample for d in batch]
 
 
 def _truncate_log(path: Path, step: int) -> None:
