@@ -44,7 +44,6 @@ class Evaluator:
     ) -> None:
         self.cfg, self.scheduler, self.services = cfg, scheduler, services
         self.weights, self.state = weights, state
-        self.routes = bool(cfg.rollout.return_routed_experts and services.layout)
 
     async def evaluate(self) -> dict[str, float]:
         """Held-out accuracy per domain: greedy responses scored by the sources' rewards."""
@@ -87,7 +86,7 @@ class Evaluator:
                 prompt,
                 f"{prompt.prompt_id}/eval",
                 self.state.version,
-                routes=self.routes,
+                routes=self.services.records_routes,
                 greedy=True,
             )
             try:

@@ -87,7 +87,6 @@ class RolloutProducer:
         self.services, self.weights, self.state, self.stats = services, weights, state, stats
         self.slots = SlotPool()
         self.group_size = max(s.group_size for s in cfg.data.sources)
-        self.routes = bool(cfg.rollout.return_routed_experts and services.layout)
         self._background: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ the pool
@@ -220,7 +219,9 @@ class RolloutProducer:
         return scored
 
     def _request(self, prompt: Prompt, sample_id: str, version: int) -> GenerateRequest:
-        return generate_request(self.cfg, prompt, sample_id, version, routes=self.routes)
+        return generate_request(
+            self.cfg, prompt, sample_id, version, routes=self.services.records_routes
+        )
 
     def _record(self, domain: str, samples: list[RolloutSample], rewards: list[float]) -> None:
         stats = self.stats.rollout

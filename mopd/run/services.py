@@ -163,6 +163,11 @@ class Services:
         self.write_processes()
 
     @property
+    def records_routes(self) -> bool:
+        """Generate requests ask for routed experts (R3): configured and the student is MoE."""
+        return bool(self.cfg.rollout.return_routed_experts and self.layout)
+
+    @property
     def tracking_uri(self) -> str:
         return self.cfg.tracking.tracking_uri or default_tracking_uri(self.paths.root)
 
