@@ -12,6 +12,13 @@ aborts what it gave up on). Weight syncs, version reads and health checks go to 
 With ``front_url`` set, generation goes through an external load balancer instead (e.g.
 ``sglang-router``: ``python -m sglang_router.launch_router --worker-urls URL...``) and only the
 admin calls go to the servers themselves, as they must reach each one.
+
+Generation requests made in the same event-loop iteration (``generate`` without a session and
+``generate_batch``: e.g. every prompt group of a synchronous step, or every eval prompt) are
+coalesced (``mopd.batching.Coalescer``) into one batched ``/generate`` call per server, split
+over the servers by cost: a server receives its share of the wave at once and prefills it
+together, and the driver pays one round trip per server instead of one per group. The
+outputs of a batched call come back together, when its longest request is done.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
+from mopd.batching import Coalescer, assign_shares
 from mopd.inference.client import ClientConfig, EngineClient, WeightUpdateError
 from mopd.inference.pool import EnginePool, ServerLoad
 from mopd.inference.protocol import (
@@ -28,6 +36,7 @@ from mopd.inference.protocol import (
     GenerateRequest,
     WeightUpdateRequest,
     WeightUpdateResult,
+    batch_key,
 )
 
 __all__ = ["EngineRouter", "RouterConfig", "ServerLoad", "request_cost"]
@@ -88,6 +97,9 @@ class EngineRouter:
             if self.config.front_url
             else None
         )
+        self._wave: Coalescer[GenerateRequest, GenerateOutput] = Coalescer(
+            self._generate_wave, on_cancel=self._abort_requests
+        )
 
     @property
     def urls(self) -> list[str]:
@@ -102,18 +114,56 @@ class EngineRouter:
         request = request if request.rid else request.with_rid()
         if request.session_params is not None:  # sticky: the session's server holds its turns
             return await self._pool.generate(request, request_cost(request))
-        if self._front is not None:
-            return await self._front.generate(request)
-        return await self._pool.run(request_cost(request), lambda c: c.generate(request))
+        [out] = await self._wave([request])
+        return out
 
     async def generate_batch(self, requests: Sequence[GenerateRequest]) -> list[GenerateOutput]:
-        """Several requests in one batched call to one server (the least loaded, or the front
-        balancer); outputs in request order. For a prompt group: one round trip, not G."""
-        requests = [r if r.rid else r.with_rid() for r in requests]
-        if self._front is not None:
-            return await self._front.generate_batch(requests)
-        cost = sum(request_cost(r) for r in requests)
-        return await self._pool.run(cost, lambda c: c.generate_batch(requests))
+        """Several requests (e.g. a prompt group) in one batched call, coalesced with the other
+        requests of this event-loop iteration; outputs in request order."""
+        return await self._wave([r if r.rid else r.with_rid() for r in requests])
+
+    async def _generate_wave(
+        self, requests: list[GenerateRequest], callers: list[int]
+    ) -> list[GenerateOutput]:
+        """The requests that can share a batched call (same ``batch_key``), in one call per
+        server (or one through the front balancer) each, spread as least-outstanding-work
+        routing would spread them one by one (one caller's requests, e.g. a prompt group, stay together).
+        Outputs in request order."""
+        kinds: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            kinds.setdefault(batch_key(r), []).append(i)
+        calls, where = [], []
+        for indices in kinds.values():
+            same = [requests[i] for i in indices]
+            if self._front is not None:
+                calls.append(self._front.generate_batch(same))
+                where.append(indices)
+                continue
+            tokens = self._pool.balance == "tokens"
+            costs = [request_cost(r) if tokens else 1 for r in same]
+            units = [callers[i] for i in indices]  # a caller's requests (a group) stay together
+            for server, share in enumerate(assign_shares(costs, self._pool.outstanding(), units)):
+                if not share:
+                    continue
+                batch = [same[i] for i in share]
+                cost = sum(request_cost(r) for r in batch)
+                calls.append(
+                    self._pool.run(cost, lambda c, b=batch: c.generate_batch(b), prefer=server)
+                )
+                where.append([indices[i] for i in share])
+        outs: list[GenerateOutput | None] = [None] * len(requests)
+        for indices, got in zip(where, await asyncio.gather(*calls), strict=True):
+            for i, o in zip(indices, got, strict=True):
+                outs[i] = o
+        return outs  # type: ignore[return-value]
+
+    def _abort_requests(self, requests: list[GenerateRequest]) -> None:
+        """A caller of a coalesced call was cancelled: abort its requests wherever they run
+        (an unknown rid is a no-op on the server)."""
+        clients = [self._front] if self._front is not None else self._pool.clients
+        for client in clients:
+            for r in requests:
+                client.abort_in_background(r.rid)
 
     async def open_session(
         self, session_id: str | None = None, timeout_s: float | None = None

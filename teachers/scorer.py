@@ -22,9 +22,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mopd.batching import Coalescer, ItemBudget, assign_shares
 from mopd.config.schema import TeacherConfig
 from mopd.inference.client import ClientConfig, EngineUnavailable
 from mopd.inference.pool import EnginePool, ServerLoad
+from mopd.inference.protocol import ScoreOutput
 from mopd.types import RolloutSample
 from teachers.base import TeacherScores, TeacherUnavailableError
 
@@ -73,7 +75,8 @@ class TeacherScorer:
             max_connections=max_concurrency,
         )
         self._pool = EnginePool(urls, config, name=f"teacher {name!r}")
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self._wave = Coalescer(self._score_wave, max_items=max_concurrency)
+        self._budget = ItemBudget(max_concurrency)
 
     @classmethod
     def from_config(
@@ -104,55 +107,80 @@ class TeacherScorer:
         Raises:
             TeacherUnavailableError: no server of this teacher answered within its retries.
         """
-        prompt = np.asarray(prompt_ids_P)
-        response = np.asarray(response_ids_T)
-        num_tokens = int(response.shape[0])
-        if num_tokens == 0:  # nothing to score; do not bother the servers
-            k = self.top_logprobs
-            return TeacherScores(
-                teacher=self.name,
-                logp_T=np.zeros(0, np.float32),
-                topk_logp_TK=np.zeros((0, k), np.float32) if k else None,
-                topk_ids_TK=np.zeros((0, k), np.int32) if k else None,
-            )
-        async with self._slots:
-            try:
-                score = await self._pool.run(
-                    prompt.shape[0] + num_tokens,
-                    lambda client: client.score(prompt, response, self.top_logprobs),
-                )
-            except EngineUnavailable as exc:
-                raise TeacherUnavailableError(
-                    f"teacher {self.name!r} is down: {exc}. Check its servers "
-                    f"({[load.url for load in self.loads()]}); the run stops rather than "
-                    "train without teacher scores."
-                ) from exc
-        if score.logprobs.shape != (num_tokens,):
-            raise TeacherUnavailableError(
-                f"teacher {self.name!r} scored {score.logprobs.shape[0]} tokens of {num_tokens}"
-            )
-        return TeacherScores(
-            teacher=self.name,
-            logp_T=score.logprobs,
-            topk_logp_TK=score.top_logprobs,
-            topk_ids_TK=None if score.top_ids is None else score.top_ids.astype(np.int32),
-            weight_version=score.weight_version,
-        )
+        [scores] = await self.score_batch([(prompt_ids_P, response_ids_T)])
+        return scores
 
     async def score_batch(
         self,
         items: Sequence[tuple[Sequence[int] | np.ndarray, Sequence[int] | np.ndarray]],
     ) -> list[TeacherScores]:
-        """Score (prompt ids, response ids) pairs concurrently; results in input order.
+        """Score (prompt ids, response ids) pairs; results in input order. The pairs of every
+        caller of this event-loop iteration go to the servers together (see the module doc).
 
-        If one fails for good the others are cancelled and the error is raised.
+        Raises:
+            TeacherUnavailableError: no server of this teacher answered within its retries.
         """
+        pairs = [(np.asarray(p), np.asarray(r)) for p, r in items]
+        out: list[TeacherScores | None] = [None] * len(pairs)
+        todo = [i for i, (_, r) in enumerate(pairs) if r.shape[0] > 0]
+        for i in set(range(len(pairs))) - set(todo):  # nothing to score: no server call
+            out[i] = self._empty()
+        for i, score in zip(todo, await self._wave([pairs[i] for i in todo]), strict=True):
+            num_tokens = pairs[i][1].shape[0]
+            if score.logprobs.shape != (num_tokens,):
+                raise TeacherUnavailableError(
+                    f"teacher {self.name!r} scored {score.logprobs.shape[0]} tokens of {num_tokens}"
+                )
+            out[i] = TeacherScores(
+                teacher=self.name,
+                logp_T=score.logprobs,
+                topk_logp_TK=score.top_logprobs,
+                topk_ids_TK=None if score.top_ids is None else score.top_ids.astype(np.int32),
+                weight_version=score.weight_version,
+            )
+        return out  # type: ignore[return-value]
+
+    def _empty(self) -> TeacherScores:
+        k = self.top_logprobs
+        return TeacherScores(
+            teacher=self.name,
+            logp_T=np.zeros(0, np.float32),
+            topk_logp_TK=np.zeros((0, k), np.float32) if k else None,
+            topk_ids_TK=np.zeros((0, k), np.int32) if k else None,
+        )
+
+    async def _score_wave(
+        self, pairs: list[tuple[np.ndarray, np.ndarray]], callers: list[int]
+    ) -> list[ScoreOutput]:
+        """One batched scoring call per server, spread by least outstanding tokens."""
+        sizes = [p.shape[0] + r.shape[0] for p, r in pairs]
+        # One caller's pairs (a prompt group's responses) stay together: one prompt prefill.
+        shares = assign_shares(sizes, self._pool.outstanding(), callers)
+        calls = [
+            self._pool.run(
+                sum(sizes[i] for i in share),
+                lambda client, s=[pairs[i] for i in share]: client.score_batch(
+                    s, self.top_logprobs
+                ),
+                prefer=server,
+            )
+            for server, share in enumerate(shares)
+            if share
+        ]
         try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self.score(p, r)) for p, r in items]
-        except BaseExceptionGroup as errors:  # the first failure; the rest were cancelled
-            raise errors.exceptions[0] from None
-        return [t.result() for t in tasks]
+            async with self._budget(len(pairs)):
+                got = await asyncio.gather(*calls)
+        except EngineUnavailable as exc:
+            raise TeacherUnavailableError(
+                f"teacher {self.name!r} is down: {exc}. Check its servers "
+                f"({[load.url for load in self.loads()]}); the run stops rather than "
+                "train without teacher scores."
+            ) from exc
+        out: list[ScoreOutput | None] = [None] * len(pairs)
+        for share, scores in zip([s for s in shares if s], got, strict=True):
+            for i, score in zip(share, scores, strict=True):
+                out[i] = score
+        return out  # type: ignore[return-value]
 
     async def score_samples(self, samples: Sequence[RolloutSample]) -> list[TeacherScores]:
         """Score rollout samples (their prompt and sampled response); results in input order."""

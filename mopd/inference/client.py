@@ -220,7 +220,7 @@ class EngineClient:
         timeout_s: float | None = None,
         idempotent: bool,
         expect_json: bool = True,
-        rids: list[str] | None = None,
+        rids: list[Any] | None = None,
     ) -> Any:
         """One call with retries; returns the decoded JSON (or text) of a 2xx answer.
 
@@ -258,8 +258,16 @@ class EngineClient:
             async for attempt in retrying:
                 with attempt:
                     if rids and last_error is not None and not _never_reached_server(last_error):
-                        self._abort_in_background(rids[-1])
-                        rids.append(f"{rids[0]}-retry{len(rids)}")
+                        # rids[-1]: the rid (or the batch's list of rids) last sent.
+                        sent, suffix = rids[-1], f"-retry{len(rids)}"
+                        for rid in sent if isinstance(sent, list) else [sent]:
+                            self._abort_in_background(rid)
+                        first = rids[0]
+                        rids.append(
+                            [f"{r}{suffix}" for r in first]
+                            if isinstance(first, list)
+                            else f"{first}{suffix}"
+                        )
                         json = {**json, "rid": rids[-1]}
                     try:
                         response = await self._http.request(
@@ -359,6 +367,37 @@ class EngineClient:
             for p, r in zip(payload, requests, strict=True)
         ]
 
+    async def score_batch(
+        self,
+        items: Sequence[tuple[Sequence[int] | np.ndarray, Sequence[int] | np.ndarray]],
+        top_logprobs_num: int = 0,
+    ) -> list[ScoreOutput]:
+        """``score`` for several (prompt ids, response ids) pairs in ONE batched ``/generate``
+        call (prefill-only, so retried like a read, each retry under new rids); results in
+        input order."""
+        requests = [make_score_request(p, r, top_logprobs_num).with_rid() for p, r in items]
+        rids: list[Any] = [[r.rid for r in requests]]
+        try:
+            payload = await self._call(
+                "POST", "/generate", json=batch_json(requests), idempotent=True, rids=rids
+            )
+        except (asyncio.CancelledError, EngineUnavailable) as exc:
+            # Cancelled, or given up on (e.g. read timeouts): the server may still run them.
+            cause = getattr(exc, "__cause__", None)
+            if isinstance(exc, asyncio.CancelledError) or (
+                cause is not None and not _never_reached_server(cause)
+            ):
+                for rid in rids[-1]:
+                    self._abort_in_background(rid)
+            raise
+        if not isinstance(payload, list) or len(payload) != len(requests):
+            got = len(payload) if isinstance(payload, list) else type(payload).__name__
+            raise ProtocolError(f"batched scoring of {len(requests)} requests answered {got}")
+        return [
+            parse_score_output(parse_generate_output(p, r, self.routed_experts_shape), r)
+            for p, r in zip(payload, requests, strict=True)
+        ]
+
     async def score(
         self,
         prompt_ids: Sequence[int] | np.ndarray,
@@ -391,6 +430,10 @@ class EngineClient:
             timeout_s=self.config.info_timeout_s,
             expect_json=False,
         )
+
+    def abort_in_background(self, rid: str | None) -> None:
+        """Abort ``rid`` on the server without waiting (``aclose`` waits for it)."""
+        self._abort_in_background(rid)
 
     def _abort_in_background(self, rid: str | None) -> None:
         async def abort_quietly() -> None:

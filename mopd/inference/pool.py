@@ -99,15 +99,25 @@ class EnginePool:
             candidates, key=lambda i: (self._loads[i].requests, self._loads[i].tokens, held[i])
         )
 
-    async def run(self, cost: int, call: Callable[[EngineClient], Awaitable[T]]) -> T:
-        """Run ``call`` on the least-loaded reachable server, failing over to the others.
+    def outstanding(self) -> list[int]:
+        """Each server's outstanding work in the pool's balance unit (tokens or requests)."""
+        return [load.tokens if self.balance == "tokens" else load.requests for load in self._loads]
+
+    async def run(
+        self, cost: int, call: Callable[[EngineClient], Awaitable[T]], prefer: int | None = None
+    ) -> T:
+        """Run ``call`` on the least-loaded reachable server (server ``prefer`` first, when it
+        is reachable), failing over to the others.
 
         Raises:
             EngineUnavailable: no server could take the call (names the pool and the errors).
         """
         tried: set[int] = set()
         errors: list[str] = []
-        while (i := self._pick(tried)) is not None:
+        now = time.monotonic()
+        first = prefer if prefer is not None and self._loads[prefer].down_until <= now else None
+        while (i := first if first is not None else self._pick(tried)) is not None:
+            first = None
             tried.add(i)
             load = self._loads[i]
             load.requests += 1

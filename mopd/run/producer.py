@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from mopd.algo.stages import Stage
+from mopd.batching import Coalescer
 from mopd.config import RunConfig
 from mopd.inference.client import EngineError
 from mopd.inference.protocol import GenerateOutput, GenerateRequest
@@ -88,6 +89,8 @@ class RolloutProducer:
         self.slots = SlotPool()
         self.group_size = max(s.group_size for s in cfg.data.sources)
         self._background: asyncio.Task | None = None
+        # The groups of one wave (e.g. a synchronous step) score their rewards in one call.
+        self._rewards: Coalescer[RolloutSample, float] = Coalescer(self._score_rewards)
 
     # ------------------------------------------------------------------ the pool
     async def produce(self, groups_wanted: int) -> None:
@@ -202,9 +205,7 @@ class RolloutProducer:
                 for sid, o in zip(group.sample_ids(), outs)
             ]
             t1 = time.perf_counter()
-            rewards = await asyncio.get_running_loop().run_in_executor(
-                None, self.services.rewards.score, samples
-            )
+            rewards = await self._rewards(samples)
             t2 = time.perf_counter()
         scored = self.scheduler.complete_group(samples, rewards)
         self._record(group.prompt.domain, samples, rewards)
@@ -217,6 +218,10 @@ class RolloutProducer:
         if scored:
             self.stream.publish(scored)
         return scored
+
+    async def _score_rewards(self, samples: list[RolloutSample], _: list[int]) -> list[float]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.services.rewards.score, samples)
 
     def _request(self, prompt: Prompt, sample_id: str, version: int) -> GenerateRequest:
         return generate_request(

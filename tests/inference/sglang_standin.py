@@ -70,6 +70,24 @@ def _schema_error(body: dict[str, Any], allowed: frozenset[str], what: str) -> s
     return f"unknown field(s) {unknown} in {what}" if unknown else None
 
 
+_PER_PROMPT_LISTS = ("rid", "sampling_params", "return_logprob", "logprob_start_len",
+                     "top_logprobs_num")  # fmt: skip
+
+
+def _batch_item(body: dict[str, Any], i: int, n: int) -> dict[str, Any]:
+    """Prompt ``i`` of a batched body as its own request (a list field holds one entry per
+    prompt, as SGLang's ``GenerateReqInput.__getitem__`` reads it)."""
+    item = {k: v for k, v in body.items() if k != "input_ids"}
+    item["input_ids"] = body["input_ids"][i]
+    for key in _PER_PROMPT_LISTS:
+        value = body.get(key)
+        if isinstance(value, list):
+            if len(value) != n:
+                raise ValueError(f"{key} has {len(value)} entries for {n} prompts")
+            item[key] = value[i]
+    return item
+
+
 def build_app(state: StandinState) -> FastAPI:
     app = FastAPI()
 
@@ -103,6 +121,18 @@ def build_app(state: StandinState) -> FastAPI:
     @app.post("/generate")
     async def generate(request: Request) -> Any:
         body = await request.json()
+        error = _schema_error(body, GENERATE_REQ_INPUT_FIELDS, "GenerateReqInput")
+        ids = body.get("input_ids")
+        if error is None and isinstance(ids, list) and ids and isinstance(ids[0], list):
+            # SGLang's batch form: per-prompt lists; answered with a list in prompt order.
+            state.calls.append(("/generate#batch", body))
+            items = [_batch_item(body, i, len(ids)) for i in range(len(ids))]
+            results = await asyncio.gather(*(one(item) for item in items))
+            failed = [r for r in results if isinstance(r, Response)]
+            return failed[0] if failed else results
+        return await one(body)
+
+    async def one(body: dict[str, Any]) -> Any:
         state.calls.append(("/generate", body))
         error = _schema_error(body, GENERATE_REQ_INPUT_FIELDS, "GenerateReqInput") or (
             _schema_error(body.get("sampling_params") or {}, SAMPLING_PARAMS_FIELDS, "sampling")

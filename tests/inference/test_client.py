@@ -102,6 +102,36 @@ def test_score_returns_logprobs_of_exactly_the_given_tokens(standin):
     assert body["logprob_start_len"] == 2 and body["input_ids"] == [1, 2, 3, 40, 41, 9]
 
 
+def test_score_batch_is_one_call_with_per_prompt_logprob_starts(standin):
+    url, state = standin
+
+    async def go():
+        async with EngineClient(url, FAST) as client:
+            return await client.score_batch([([1, 2, 3], [40, 41]), ([7], [8, 9, 10])], 2)
+
+    first, second = run(go())
+    np.testing.assert_allclose(first.logprobs, [standin_logprob(40, 3), standin_logprob(41, 4)])
+    np.testing.assert_allclose(second.logprobs, [standin_logprob(t, t - 7) for t in (8, 9, 10)])
+    assert first.top_ids.shape == (2, 2) and second.top_ids.shape == (3, 2)
+    [batch] = state.bodies("/generate#batch")  # SGLang's batch form, lists where they differ
+    assert batch["logprob_start_len"] == [2, 0]
+    assert batch["top_logprobs_num"] == 2 and batch["return_logprob"] is True
+    assert batch["input_ids"] == [[1, 2, 3, 40, 41], [7, 8, 9, 10]]
+
+
+def test_score_batch_retries_under_new_rids(standin):
+    url, state = standin
+    state.fail_next("/generate", 1, status=503)
+
+    async def go():
+        async with EngineClient(url, FAST) as client:
+            return await client.score_batch([([1], [2]), ([1], [3])])
+
+    assert len(run(go())) == 2
+    [batch] = state.bodies("/generate#batch")
+    assert all(rid.endswith("-retry1") for rid in batch["rid"])
+
+
 def test_idempotent_calls_retry_with_backoff(standin):
     url, state = standin
     state.fail_next("/generate", 2, status=503)

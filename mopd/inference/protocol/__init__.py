@@ -28,6 +28,7 @@ from mopd.inference.protocol.requests import (
     SamplingParams,
     SessionParams,
     batch_json,
+    batch_key,
     make_score_request,
 )
 from mopd.inference.protocol.responses import (
@@ -76,6 +77,7 @@ __all__ = [
     "WeightUpdateResult",
     "WeightVersionSpan",
     "batch_json",
+    "batch_key",
     "compact_routes",
     "decode_routed_experts",
     "encode_routed_experts",

@@ -227,13 +227,24 @@ def make_score_request(
 
 
 _PER_PROMPT = ("rid", "input_ids", "text", "sampling_params")
+# Fields SGLang also takes per prompt in the batch form (a list), with their defaults.
+_PER_PROMPT_LISTS = {"return_logprob": False, "logprob_start_len": -1, "top_logprobs_num": 0}
+
+
+def batch_key(request: GenerateRequest) -> tuple:
+    """The fields the requests of one batched ``/generate`` must share (``batch_json``):
+    requests with equal keys batch together."""
+    body = request.to_json()
+    skip = {*_PER_PROMPT, *_PER_PROMPT_LISTS}
+    return ("input_ids" in body, *sorted((k, repr(v)) for k, v in body.items() if k not in skip))
 
 
 def batch_json(requests: Sequence[GenerateRequest]) -> dict[str, Any]:
     """One batched ``/generate`` body for ``requests`` (SGLang's batch form: ``input_ids`` a
-    list of lists, ``sampling_params`` and ``rid`` lists). The server answers a list in request
-    order. Every other field must be the same for all requests, and none may continue a
-    session (SGLang takes one session request at a time)."""
+    list of lists, ``sampling_params`` and ``rid`` lists, and ``return_logprob``,
+    ``logprob_start_len``, ``top_logprobs_num`` lists where they differ). The server answers a
+    list in request order. Every other field must be the same for all requests (``batch_key``),
+    and none may continue a session (SGLang takes one session request at a time)."""
     if not requests:
         raise ProtocolError("a batched /generate needs at least one request")
     bodies = [r.to_json() for r in requests]
@@ -244,15 +255,20 @@ def batch_json(requests: Sequence[GenerateRequest]) -> dict[str, Any]:
     kinds = {"input_ids" in b for b in bodies}
     if len(kinds) != 1:
         raise ProtocolError("a batch mixes input_ids and text requests")
-    shared = {k: v for k, v in bodies[0].items() if k not in _PER_PROMPT}
+    skip = {*_PER_PROMPT, *_PER_PROMPT_LISTS}
+    shared = {k: v for k, v in bodies[0].items() if k not in skip}
     for b in bodies[1:]:
-        other = {k: v for k, v in b.items() if k not in _PER_PROMPT}
+        other = {k: v for k, v in b.items() if k not in skip}
         if other != shared:
             differ = sorted(k for k in {*other, *shared} if other.get(k) != shared.get(k))
             raise ProtocolError(
                 f"requests of one batch differ in {differ}; only input_ids/text, "
-                "sampling_params and rid may differ"
+                f"sampling_params, rid and {', '.join(_PER_PROMPT_LISTS)} may differ"
             )
+    for k, default in _PER_PROMPT_LISTS.items():
+        values = [b.get(k, default) for b in bodies]
+        if any(k in b for b in bodies):
+            shared[k] = values[0] if all(v == values[0] for v in values) else values
     key = "input_ids" if "input_ids" in bodies[0] else "text"
     return {
         "rid": [b["rid"] for b in bodies],
