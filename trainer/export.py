@@ -53,6 +53,7 @@ __all__ = [
     "VERSION_FILE",
     "checkpoint_state_dict",
     "export_hf_checkpoint",
+    "handoff_state_dict",
     "named_tensors_for_handoff",
     "read_export_version",
     "serialize_named_tensors",
@@ -254,15 +255,26 @@ def named_tensors_for_handoff(
     Tensors stay on the model's device (CUDA stays CUDA: no host round trip). ``naming`` is
     ``checkpoint`` (hub names, SGLang) or ``state_dict`` (module names, ``load_state_dict``).
     """
+    sd = handoff_state_dict(model, naming=naming, dtype=dtype, state_dict=state_dict)
+    # clone: the receiver maps this memory, so it must not alias a live parameter.
+    return [(name, t.detach().contiguous().clone()) for name, t in sd.items()]
+
+
+def handoff_state_dict(
+    model: Any,
+    *,
+    naming: str = "checkpoint",
+    dtype: torch.dtype | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> Mapping[str, torch.Tensor]:
+    """The weights under ``naming`` in the serving dtype; tensors may alias the model's own
+    parameters (copy them before another process maps them)."""
     if naming not in NAMINGS:
         raise ValueError(f"naming={naming!r}; accepted values: {', '.join(NAMINGS)}")
     if naming == "checkpoint":
-        sd = checkpoint_state_dict(model, state_dict=state_dict, dtype=dtype)
-    else:
-        source = state_dict if state_dict is not None else model.state_dict()
-        sd = _cast(source, dtype, _keep_fp32(model))
-    # clone: the receiver maps this memory, so it must not alias a live parameter.
-    return [(name, t.detach().contiguous().clone()) for name, t in sd.items()]
+        return checkpoint_state_dict(model, state_dict=state_dict, dtype=dtype)
+    source = state_dict if state_dict is not None else model.state_dict()
+    return _cast(source, dtype, _keep_fp32(model))
 
 
 def serialize_named_tensors(named: Sequence[tuple[str, torch.Tensor]]) -> bytes:

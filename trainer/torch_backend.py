@@ -89,7 +89,12 @@ from trainer.common import (
     to_batch,
     token_metrics,
 )
-from trainer.export import export_hf_checkpoint, named_tensors_for_handoff, serialize_named_tensors
+from trainer.export import (
+    export_hf_checkpoint,
+    handoff_state_dict,
+    named_tensors_for_handoff,
+    serialize_named_tensors,
+)
 from trainer.optim import build_optimizer, build_scheduler, step_metrics
 from trainer.r3_hooks import RoutingReplay
 from trainer.rng import load_rng_state, rng_file, save_rng_state
@@ -467,12 +472,28 @@ class TorchTrainer:
     def serialized_weights(self, naming: str = "checkpoint") -> bytes:
         """One ``serialized_named_tensors`` payload for ``/update_weights_from_tensor``.
 
-        The tensors stay referenced by this trainer until the next call (the receiver maps
-        their memory). Switches this process to torch's ``file_system`` sharing strategy
-        when the weights are on the CPU.
+        The weights are copied into handoff buffers this trainer keeps between calls (shared
+        memory on the CPU, one CUDA allocation per tensor on GPU), so a sync after the first
+        creates no shared-memory files and the receivers map the same memory again (their
+        cached mappings are reused); receivers copy the tensors into their own weights before
+        the sync returns, so the next sync may overwrite the buffers. Switches this process to
+        torch's ``file_system`` sharing strategy when the weights are on the CPU.
         """
-        named = self.handoff_weights(naming)
-        if any(not t.is_cuda for _, t in named):
-            torch.multiprocessing.set_sharing_strategy("file_system")
-        self._handoff = named
-        return serialize_named_tensors(named)
+        if self._world > 1:
+            raise NotImplementedError("tensor handoff from a sharded trainer: use export_weights")
+        source = handoff_state_dict(self._hf_model, naming=naming, dtype=self.export_dtype)
+        buffers = dict(self._handoff)
+        if {n: (t.shape, t.dtype, t.device) for n, t in buffers.items()} != {
+            n: (t.shape, t.dtype, t.device) for n, t in source.items()
+        }:
+            buffers = {n: torch.empty_like(t, memory_format=torch.contiguous_format)
+                       for n, t in source.items()}  # fmt: skip
+            if any(not t.is_cuda for t in buffers.values()):
+                torch.multiprocessing.set_sharing_strategy("file_system")
+                for t in buffers.values():
+                    t.share_memory_()
+        with torch.no_grad():
+            for name, t in source.items():
+                buffers[name].copy_(t)
+        self._handoff = list(buffers.items())
+        return serialize_named_tensors(self._handoff)

@@ -71,7 +71,11 @@ class WeightSync:
         if self.mode == "tensor":
             # Same host: the servers map the trainer's tensors (shared memory on CPU, CUDA IPC
             # on GPU) instead of reading a checkpoint from disk.
-            payload = await trainer.serialized_weights.remote()
+            # The embedded engine serves the trainer's own HF module tree: module names need no
+            # conversion; SGLang loads checkpoint (hub) names.
+            embedded = self.services.cfg.rollout.backend == "embedded"
+            naming = "state_dict" if embedded else "checkpoint"
+            payload = await trainer.serialized_weights.remote(naming)
             return UpdateWeightsFromTensor(
                 serialized_named_tensors=(payload,), weight_version=str(version)
             )
