@@ -72,6 +72,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -170,6 +171,9 @@ class MemoryReqInput(_Body):
 
 class PauseGenerationReqInput(_Body):
     mode: str = "abort"
+
+
+_JSON = "application/json"
 
 
 def _error(message: str, status: int = 400) -> JSONResponse:
@@ -433,9 +437,9 @@ def build_app(engine: Engine, server_args: dict[str, Any] | None = None) -> Fast
                 yield b"data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
-        # Already plain JSON types: a JSONResponse skips FastAPI's jsonable_encoder walk over
-        # every log-prob entry (about 0.1 ms per plain result, 0.5 ms with log-probs).
-        return JSONResponse(results[0] if is_single else results)
+        # Already plain JSON types: orjson writes them directly (no jsonable_encoder walk over
+        # every log-prob entry, and several times faster than the json module on the top-k).
+        return Response(orjson.dumps(results[0] if is_single else results), media_type=_JSON)
 
     # Blocking engine calls: plain handlers, which FastAPI runs on its thread pool.
     @app.api_route("/open_session", methods=["GET", "POST"])

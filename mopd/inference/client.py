@@ -32,6 +32,7 @@ from typing import Any, Literal, TypeVar, overload
 
 import httpx
 import numpy as np
+import orjson
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -293,7 +294,7 @@ class EngineClient:
         if not response.content:
             return None
         try:
-            return response.json()
+            return orjson.loads(response.content)
         except ValueError as exc:
             raise EngineError(
                 self.name, route, f"answer is not JSON: {response.text[:200]!r}", 200

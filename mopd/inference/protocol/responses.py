@@ -109,13 +109,24 @@ def _logprob_entries(raw: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     """``[[logprob|null, token_id, text|null], ...]`` -> (float32 [n] with NaN, int64 [n])."""
     if not isinstance(raw, list):
         raise ProtocolError(f"{what} must be a list of [logprob, token_id, text], got {raw!r:.80}")
-    logprobs = np.empty(len(raw), dtype=np.float32)
-    ids = np.empty(len(raw), dtype=np.int64)
-    for i, entry in enumerate(raw):
-        if not isinstance(entry, list | tuple) or len(entry) < 2:
-            raise ProtocolError(f"{what}[{i}] = {entry!r} is not [logprob, token_id, text]")
-        logprobs[i] = math.nan if entry[0] is None else float(entry[0])
-        ids[i] = int(entry[1])
+    try:  # columns by comprehension: no per-entry numpy assignment
+        logprobs = np.array([math.nan if e[0] is None else e[0] for e in raw], dtype=np.float32)
+        ids = np.array([e[1] for e in raw], dtype=np.int64)
+        if logprobs.shape != (len(raw),) or ids.shape != (len(raw),):
+            raise ValueError
+    except (TypeError, ValueError, IndexError, KeyError):
+        for i, entry in enumerate(raw):  # name the first bad entry
+            if not isinstance(entry, list | tuple) or len(entry) < 2:
+                raise ProtocolError(
+                    f"{what}[{i}] = {entry!r} is not [logprob, token_id, text]"
+                ) from None
+            try:
+                float(math.nan if entry[0] is None else entry[0]), int(entry[1])
+            except (TypeError, ValueError):
+                raise ProtocolError(
+                    f"{what}[{i}] = {entry!r} is not [logprob, token_id, text]"
+                ) from None
+        raise
     return logprobs, ids
 
 
@@ -125,13 +136,18 @@ def _top_entries(raw: Any, k: int, what: str) -> tuple[np.ndarray, np.ndarray]:
         raise ProtocolError(f"{what} must be a list (one row per position), got {raw!r:.80}")
     logprobs = np.full((len(raw), k), np.nan, dtype=np.float32)
     ids = np.full((len(raw), k), -1, dtype=np.int64)
-    for i, row in enumerate(raw):
-        if row is None:
-            continue
-        row_lp, row_ids = _logprob_entries(row, f"{what}[{i}]")
-        if len(row_lp) < k:
-            raise ProtocolError(f"{what}[{i}] has {len(row_lp)} entries, asked for {k}")
-        logprobs[i], ids[i] = row_lp[:k], row_ids[:k]
+    rows = [i for i, row in enumerate(raw) if row is not None]
+    short = [i for i in rows if not isinstance(raw[i], list) or len(raw[i]) < k]
+    if short:
+        i = short[0]
+        if not isinstance(raw[i], list):
+            raise ProtocolError(f"{what}[{i}] must be a list of entries, got {raw[i]!r:.80}")
+        raise ProtocolError(f"{what}[{i}] has {len(raw[i])} entries, asked for {k}")
+    if rows and k:
+        flat_lp, flat_ids = _logprob_entries(
+            [e for i in rows for e in raw[i][:k]], f"{what} (one of the rows)"
+        )
+        logprobs[rows], ids[rows] = flat_lp.reshape(-1, k), flat_ids.reshape(-1, k)
     return logprobs, ids
 
 
