@@ -178,15 +178,23 @@ class EngineRouter:
         """Generate for several requests concurrently; outputs in request order."""
         return list(await asyncio.gather(*(self.generate(r) for r in requests)))
 
-    async def update_weights(self, request: WeightUpdateRequest) -> WeightUpdateResult:
-        """Apply one weight sync on every server at once; raises naming those that failed."""
-        results = await self._pool.broadcast(lambda c: c.update_weights(request))
+    async def update_weights(
+        self, request: WeightUpdateRequest | Sequence[WeightUpdateRequest]
+    ) -> WeightUpdateResult:
+        """Apply one weight sync on every server at once (one request for all, or one per
+        server in server order); raises naming those that failed."""
+        per_server = [request] * len(self.urls) if not isinstance(request, Sequence) else request
+        if len(per_server) != len(self.urls):
+            raise ValueError(f"{len(per_server)} weight requests for {len(self.urls)} servers")
+        routes = {r.route for r in per_server}
+        order = {c.base_url: r for c, r in zip(self._pool.clients, per_server, strict=True)}
+        results = await self._pool.broadcast(lambda c: c.update_weights(order[c.base_url]))
         failed = [
             f"{url}: {r}" for url, r in zip(self.urls, results, strict=True)
             if isinstance(r, BaseException)
         ]  # fmt: skip
         if failed:
-            raise WeightUpdateError("rollout", request.route, "; ".join(failed))
+            raise WeightUpdateError("rollout", "/".join(sorted(routes)), "; ".join(failed))
         return WeightUpdateResult(
             success=True,
             message="; ".join(r.message for r in results if r.message),

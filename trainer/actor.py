@@ -57,13 +57,13 @@ class TrainerActor:
     def export_weights(self, path: str | Path, version: int) -> Path:
         return self._trainer.export_weights(path, version)
 
-    def serialized_weights(self, naming: str = "checkpoint") -> bytes:
-        """Same-host weight handoff (``/update_weights_from_tensor``), where the backend has it;
-        ``naming``: checkpoint (hub) names, or state_dict names (an embedded engine loads
-        those without converting)."""
+    def serialized_weights(self, naming: str = "checkpoint", receivers: int = 1) -> list[bytes]:
+        """Same-host weight handoff (``/update_weights_from_tensor``), where the backend has it:
+        one payload per receiving server. ``naming``: checkpoint (hub) names, or state_dict
+        names (an embedded engine loads those without converting)."""
         if not hasattr(self._trainer, "serialized_weights"):
             raise NotImplementedError(
                 f"{type(self._trainer).__name__} has no same-host tensor handoff; "
                 "use rollout.weight_sync=disk"
             )
-        return self._trainer.serialized_weights(naming)
+        return self._trainer.serialized_weights(naming, receivers)

@@ -469,18 +469,22 @@ class TorchTrainer:
             raise NotImplementedError("tensor handoff from a sharded trainer: use export_weights")
         return named_tensors_for_handoff(self._hf_model, naming=naming, dtype=self.export_dtype)
 
-    def serialized_weights(self, naming: str = "checkpoint") -> bytes:
-        """One ``serialized_named_tensors`` payload for ``/update_weights_from_tensor``.
+    def serialized_weights(self, naming: str = "checkpoint", receivers: int = 1) -> list[bytes]:
+        """``serialized_named_tensors`` payloads for ``/update_weights_from_tensor``: one per
+        receiving server (torch's shared-memory refcount expects one pickle per unpickle; a
+        payload decoded twice drops the shared file while the trainer still uses it).
 
         The weights are copied into handoff buffers this trainer keeps between calls (shared
         memory on the CPU, one CUDA allocation per tensor on GPU), so a sync after the first
-        creates no shared-memory files and the receivers map the same memory again (their
-        cached mappings are reused); receivers copy the tensors into their own weights before
-        the sync returns, so the next sync may overwrite the buffers. Switches this process to
-        torch's ``file_system`` sharing strategy when the weights are on the CPU.
+        creates no shared-memory files and the receivers map the same memory again; receivers
+        copy the tensors into their own weights before the sync returns, so the next sync may
+        overwrite the buffers. Switches this process to torch's ``file_system`` sharing
+        strategy when the weights are on the CPU.
         """
         if self._world > 1:
             raise NotImplementedError("tensor handoff from a sharded trainer: use export_weights")
+        if receivers < 1:
+            raise ValueError(f"receivers must be >= 1, got {receivers}")
         source = handoff_state_dict(self._hf_model, naming=naming, dtype=self.export_dtype)
         buffers = dict(self._handoff)
         if {n: (t.shape, t.dtype, t.device) for n, t in buffers.items()} != {
@@ -496,4 +500,4 @@ class TorchTrainer:
             for name, t in source.items():
                 buffers[name].copy_(t)
         self._handoff = list(buffers.items())
-        return serialize_named_tensors(self._handoff)
+        return [serialize_named_tensors(self._handoff) for _ in range(receivers)]

@@ -70,15 +70,17 @@ class WeightSync:
         trainer = self.services.trainer
         if self.mode == "tensor":
             # Same host: the servers map the trainer's tensors (shared memory on CPU, CUDA IPC
-            # on GPU) instead of reading a checkpoint from disk.
-            # The embedded engine serves the trainer's own HF module tree: module names need no
+            # on GPU) instead of reading a checkpoint from disk; one payload per server. The
+            # embedded engine serves the trainer's own HF module tree: module names need no
             # conversion; SGLang loads checkpoint (hub) names.
             embedded = self.services.cfg.rollout.backend == "embedded"
             naming = "state_dict" if embedded else "checkpoint"
-            payload = await trainer.serialized_weights.remote(naming)
-            return UpdateWeightsFromTensor(
-                serialized_named_tensors=(payload,), weight_version=str(version)
-            )
+            servers = len(self.services.rollout.router.urls)
+            payloads = await trainer.serialized_weights.remote(naming, servers)
+            return [
+                UpdateWeightsFromTensor(serialized_named_tensors=(p,), weight_version=str(version))
+                for p in payloads
+            ]
         target = self.paths.weights / f"v{version:08d}"
         path = await trainer.export_weights.remote(str(target), version)
         return UpdateWeightsFromDisk(model_path=str(path), weight_version=str(version))

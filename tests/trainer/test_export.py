@@ -124,28 +124,46 @@ def test_handoff_tensors_match_the_export(tiny_models, make_trainer, tmp_path):
 
 
 def test_serialized_handoff_crosses_processes(tiny_models, make_trainer, tmp_path):
-    """The payload of /update_weights_from_tensor, decoded by another process."""
+    """The payloads of /update_weights_from_tensor, decoded by two other processes (two
+    servers of one sync), three times: later syncs rewrite the same buffers in place."""
     trainer = make_trainer(tiny_models["llama"])
-    named = checkpoint_state_dict(trainer.model)
     strategy = torch.multiprocessing.get_sharing_strategy()
     if strategy != "file_system":
+        named = checkpoint_state_dict(trainer.model)
         with pytest.raises(ValueError, match="file_system"):
             serialize_named_tensors(list(named.items()))  # refused, with the fix in the message
-    try:
-        payload = trainer.serialized_weights("checkpoint")  # keeps the tensors alive
-    finally:
-        torch.multiprocessing.set_sharing_strategy(strategy)
-    (tmp_path / "payload.bin").write_bytes(payload)
     code = textwrap.dedent(
-        f"""
-        import pickle, torch
+        """
+        import pickle, sys, torch
         from safetensors.torch import save_file
-        named = pickle.loads(open({str(tmp_path / "payload.bin")!r}, "rb").read())
-        save_file({{n: t.clone() for n, t in named}}, {str(tmp_path / "got.safetensors")!r})
+        named = pickle.loads(open(sys.argv[1], "rb").read())
+        save_file({n: t.clone() for n, t in named}, sys.argv[2])
         """
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    got = load_file(str(tmp_path / "got.safetensors"))
-    assert got.keys() == named.keys()
-    assert all(torch.equal(got[k], named[k]) for k in named)
+    try:
+        for sync in range(3):
+            named = {k: v.clone() for k, v in checkpoint_state_dict(trainer.model).items()}
+            # One payload per receiver; the trainer keeps the tensors alive.
+            payloads = trainer.serialized_weights("checkpoint", receivers=2)
+            for i, payload in enumerate(payloads):
+                (tmp_path / f"payload{i}.bin").write_bytes(payload)
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-c", code, str(tmp_path / f"payload{i}.bin"),
+                     str(tmp_path / f"got{i}.safetensors")],
+                    stderr=subprocess.PIPE, text=True,
+                )  # fmt: skip
+                for i in range(2)
+            ]
+            for proc in procs:
+                _, err = proc.communicate(timeout=120)
+                assert proc.returncode == 0, err
+            for i in range(2):
+                got = load_file(str(tmp_path / f"got{i}.safetensors"))
+                assert got.keys() == named.keys()
+                assert all(torch.equal(got[k], named[k]) for k in named), (sync, i)
+            with torch.no_grad():  # the trainer moves on: the next sync must carry it
+                for p in trainer.model.parameters():
+                    p.add_(1.0)
+    finally:
+        torch.multiprocessing.set_sharing_strategy(strategy)

@@ -107,7 +107,7 @@ def test_bf16_export_and_cuda_handoff(tiny_models, tmp_path):
 
     named = trainer.handoff_weights("checkpoint")
     assert all(t.is_cuda for _, t in named)
-    payload = trainer.serialized_weights("checkpoint")
+    [payload] = trainer.serialized_weights("checkpoint")
     (tmp_path / "payload.bin").write_bytes(payload)
     code = textwrap.dedent(
         f"""
