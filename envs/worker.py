@@ -8,6 +8,11 @@ died. Either way the sample gets reward 0 and a counter goes up (``reward_timeou
 that is not a finite number, counts as ``reward_error`` too. The first few failures are
 logged with the source and the reason.
 
+A batch goes to the workers as one task per process (a contiguous chunk of calls, each timed
+in the worker), not one task per sample: a step's rewards cost a few IPC round trips. A chunk
+that overruns one call's limit or loses its worker is scored again one call per task, which
+isolates the culprit as above.
+
 The pool starts on first use with the ``spawn`` method (no fork of a process that holds
 threads, e.g. a Ray worker or torch), and each worker imports the heavy verifier dependencies
 before it takes work, so imports never eat into a call's time budget.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -35,7 +41,8 @@ __all__ = ["RewardWorker"]
 
 log = logging.getLogger(__name__)
 
-_LOGGED_FAILURES = 20  # then only counted, so a broken verifier cannot flood the log
+_LOGGED_FAILURES = 20
+_CHUNK_SLACK_S = 1.0  # a chunk's time limit: one call's limit plus this  # then only counted, so a broken verifier cannot flood the log
 
 
 def _init_worker() -> None:
@@ -47,6 +54,22 @@ def _init_worker() -> None:
 
 def _call(fn: RewardFn, response: str, answer: str | None, metadata: Mapping[str, Any]) -> Any:
     return fn(response, answer, metadata)
+
+
+def _call_many(
+    calls: Sequence[tuple[RewardFn, str, str | None, Mapping[str, Any]]],
+) -> list[tuple[bool, Any, float]]:
+    """Several calls in one worker task: (ok, value or error text, seconds) per call."""
+    out: list[tuple[bool, Any, float]] = []
+    for fn, response, answer, metadata in calls:
+        t0 = time.monotonic()
+        try:
+            value = fn(response, answer, metadata)
+        except Exception as e:
+            out.append((False, f"{type(e).__name__}: {e}", time.monotonic() - t0))
+            continue
+        out.append((True, value, time.monotonic() - t0))
+    return out
 
 
 class RewardWorker:
@@ -106,15 +129,8 @@ class RewardWorker:
             )
         for attempt in range(2):
             pool = self._get_pool()
-            # Start every call, then gather: the pool runs num_processes of them at a time.
-            futures = [
-                pool.schedule(
-                    _call, args=(self._fns[src], resp, ans, dict(meta)), timeout=self._timeout_s
-                )
-                for src, resp, ans, meta in items
-            ]
             try:
-                return [self._gather(f, src) for f, (src, *_) in zip(futures, items, strict=True)]
+                return self._score_chunks(pool, items)
             except BrokenProcessPool as e:
                 # Workers that cannot even start are a broken environment, not a bad verifier:
                 # rebuild the pool once, then fail loudly rather than hand out zero rewards.
@@ -122,6 +138,54 @@ class RewardWorker:
                 if attempt:
                     raise RuntimeError(f"reward worker processes cannot start: {e}") from e
         raise AssertionError("unreachable")
+
+    def _score_chunks(
+        self, pool: pebble.ProcessPool, items: Sequence[tuple[str, str, str | None, Mapping]]
+    ) -> list[float]:
+        """One worker task per process, each scoring a contiguous chunk (a few IPC round trips
+        per batch instead of one per sample). A call slower than the timeout inside a chunk
+        counts as a timeout; a chunk that runs past one call's limit (a hang, or many slow
+        calls) or kills its worker is scored again one call per task, so only a culprit gets
+        reward 0 and a hang costs at most two time limits."""
+        n = len(items)
+        per = max(1, -(-n // self._num_processes))
+        chunks = [list(range(i, min(i + per, n))) for i in range(0, n, per)]
+        futures = [
+            pool.schedule(
+                _call_many,
+                args=([(self._fns[items[i][0]], *items[i][1:3], dict(items[i][3])) for i in c],),
+                timeout=self._timeout_s + _CHUNK_SLACK_S,
+            )
+            for c in chunks
+        ]
+        out: list[float] = [0.0] * n
+        for chunk, future in zip(chunks, futures, strict=True):
+            try:
+                results = future.result()
+            except BrokenProcessPool:
+                raise
+            except Exception:  # hung or died: isolate the bad call(s) one call per task
+                singles = [self._schedule_one(pool, items[i]) for i in chunk]
+                for i, f in zip(chunk, singles, strict=True):
+                    out[i] = self._gather(f, items[i][0])
+                continue
+            for i, (ok, value, seconds) in zip(chunk, results, strict=True):
+                out[i] = self._judge(items[i][0], ok, value, seconds)
+        return out
+
+    def _schedule_one(self, pool: pebble.ProcessPool, item: tuple) -> Any:
+        src, resp, ans, meta = item
+        return pool.schedule(
+            _call, args=(self._fns[src], resp, ans, dict(meta)), timeout=self._timeout_s
+        )
+
+    def _judge(self, source: str, ok: bool, value: Any, seconds: float) -> float:
+        self._counts["reward_calls"] += 1
+        if seconds > self._timeout_s:
+            return self._fail("reward_timeout", source, f"no result within {self._timeout_s} s")
+        if not ok:
+            return self._fail("reward_error", source, str(value))
+        return self._as_reward(value, source)
 
     def _gather(self, future: Any, source: str) -> float:
         self._counts["reward_calls"] += 1
@@ -135,6 +199,9 @@ class RewardWorker:
             return self._fail("reward_error", source, f"worker died (exit code {e.exitcode})")
         except Exception as e:
             return self._fail("reward_error", source, f"{type(e).__name__}: {e}")
+        return self._as_reward(value, source)
+
+    def _as_reward(self, value: Any, source: str) -> float:
         try:
             reward = float(value)
         except (TypeError, ValueError):

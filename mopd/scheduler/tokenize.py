@@ -35,14 +35,25 @@ def hf_tokenize(
             "(chat_template=False) or a tokenizer that ships one"
         )
 
+    backend = getattr(tokenizer, "backend_tokenizer", None) if not chat_template else None
+    checked: list[bool] = []  # the backend path is used once it agreed on a first text
+
     def tokenize(text: str) -> list[int]:
+        if backend is not None and checked and checked[0]:
+            # The Rust tokenizer directly: ~5x cheaper than the wrapper's encode, which
+            # matters when the driver hands out hundreds of prompts per step.
+            return backend.encode(text, add_special_tokens=add_special_tokens).ids
         if chat_template:
             ids = tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
             )
             # transformers 5 returns a BatchEncoding here; older versions a plain list.
             return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        ids = list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        if backend is not None and not checked:
+            fast = backend.encode(text, add_special_tokens=add_special_tokens).ids
+            checked.append(fast == ids)
+        return ids
 
     return tokenize
 
