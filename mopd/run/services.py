@@ -47,7 +47,7 @@ __all__ = ["Services", "teacher_rollout_config"]
 log = logging.getLogger("mopd.run")
 
 # On a CPU machine every server and the trainer share few cores: one thread each avoids
-# oversubscription that makes everyone slower.
+# oversubscription that makes everyone slower. Decoding a tiny batch gains nothing from more.
 _THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -171,13 +171,12 @@ class Services:
     def tracking_uri(self) -> str:
         return self.cfg.tracking.tracking_uri or default_tracking_uri(self.paths.root)
 
-    def _start_servers(self, rcfg: RolloutConfig, model: Path) -> RolloutService:
+    def _start_servers(self, rcfg: RolloutConfig, model: Path, threads: int = 1) -> RolloutService:
         from rollout.build import build_rollout_backend
 
         n = rcfg.num_servers
-        overrides = [
-            {"random_seed": self.cfg.run.seed + i, "env": dict(_THREAD_ENV)} for i in range(n)
-        ]
+        env = {k: str(threads) for k in _THREAD_ENV}
+        overrides = [{"random_seed": self.cfg.run.seed + i, "env": dict(env)} for i in range(n)]
         return build_rollout_backend(
             rcfg,
             str(model),
@@ -195,9 +194,21 @@ class Services:
 
         for t in self.cfg.teachers:
             rcfg = teacher_rollout_config(self.cfg.rollout, t)
-            service = self._start_servers(rcfg, self.teacher_paths[t.name])
+            service = self._start_servers(
+                rcfg, self.teacher_paths[t.name], self._teacher_threads(t)
+            )
             self.teacher_services[t.name] = service
             self.teachers[t.name] = TeacherScorer.from_config(t, service.router.urls)
+
+    def _teacher_threads(self, teacher: TeacherConfig) -> int:
+        """CPU threads of each of a teacher's servers. A synchronous step scores while the
+        rollout servers and the trainer wait, so a teacher's prefill (one large forward) gets
+        the machine's CPUs shared over its servers; otherwise (async mode, or a GPU machine
+        where the threads only feed the GPU) one thread, as every other server."""
+        if self.cfg.scheduler.mode != "sync" or _has_gpu():
+            return 1
+        cpus = self.cfg.cluster.num_cpus or os.cpu_count() or 1
+        return max(1, cpus // max(1, teacher.num_servers))
 
     def _start_rewards(self):
         from envs.registry import get_reward
