@@ -149,10 +149,16 @@ def test_serialized_handoff_crosses_processes(tiny_models, make_trainer, tmp_pat
                 (tmp_path / f"payload{i}.bin").write_bytes(payload)
             procs = [
                 subprocess.Popen(
-                    [sys.executable, "-c", code, str(tmp_path / f"payload{i}.bin"),
-                     str(tmp_path / f"got{i}.safetensors")],
-                    stderr=subprocess.PIPE, text=True,
-                )  # fmt: skip
+                    [
+                        sys.executable,
+                        "-c",
+                        code,
+                        str(tmp_path / f"payload{i}.bin"),
+                        str(tmp_path / f"got{i}.safetensors"),
+                    ],
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
                 for i in range(2)
             ]
             for proc in procs:
