@@ -127,19 +127,19 @@ class EngineRouter:
     ) -> list[GenerateOutput]:
         """The requests that can share a batched call (same ``batch_key``), in one call per
         server (or one through the front balancer) each, spread as least-outstanding-work
-        routing would spread them one by one (one caller's requests, e.g. a prompt group, stay together).
-        Outputs in request order."""
+        routing would spread them one by one; one caller's requests (a prompt group) stay
+        together. Outputs in request order."""
         kinds: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             kinds.setdefault(batch_key(r), []).append(i)
         calls, where = [], []
+        tokens = self._pool.balance == "tokens"
         for indices in kinds.values():
             same = [requests[i] for i in indices]
             if self._front is not None:
                 calls.append(self._front.generate_batch(same))
                 where.append(indices)
                 continue
-            tokens = self._pool.balance == "tokens"
             costs = [request_cost(r) if tokens else 1 for r in same]
             units = [callers[i] for i in indices]  # a caller's requests (a group) stay together
             for server, share in enumerate(assign_shares(costs, self._pool.outstanding(), units)):

@@ -3,16 +3,17 @@
 Each response is one prefill-only request to the teacher's servers (SGLang's ``/generate`` with
 ``max_new_tokens = 0``, ``return_logprob``, ``logprob_start_len = P - 1``; see
 ``mopd.inference.protocol``), so the teacher runs one forward pass over prompt + response and
-returns the log-prob of exactly the tokens the student sampled. A batch is sent as concurrent
-requests, at most ``max_concurrency`` in flight, spread over the teacher's servers by least
-outstanding tokens; the server batches them (continuous batching) and shares prompt prefixes
-in its radix cache, so the G responses of one prompt cost one prompt prefill.
+returns the log-prob of exactly the tokens the student sampled. The pairs asked for in one
+event-loop iteration (every group of a synchronous step) are coalesced (``mopd.batching``) into
+one batched ``/generate`` per server, at most ``max_concurrency`` pairs per batch and in flight,
+spread over the teacher's servers by least outstanding tokens with a group's responses on one
+server, whose radix cache then shares their prompt: G responses cost one prompt prefill.
 
 Failures: scoring is idempotent, so each request is retried with exponential back-off
 (``max_retries``, each attempt bounded by ``timeout_s``), then moved to another server of the
 teacher. A teacher none of whose servers answers raises ``TeacherUnavailableError`` naming it:
-the run stops rather than train on made-up teacher rewards. When one request of a batch fails
-for good, the others are cancelled (and aborted on the servers).
+the run stops rather than train on made-up teacher rewards. A batched call that fails for good
+fails every caller in it, and its requests are aborted on the server.
 """
 
 from __future__ import annotations

@@ -351,14 +351,8 @@ class EngineClient:
             payload = await self._call(
                 "POST", "/generate", json=batch_json(requests), idempotent=False
             )
-        except asyncio.CancelledError:
-            for rid in rids:
-                self._abort_in_background(rid)
-            raise
-        except EngineUnavailable as exc:
-            if exc.__cause__ is not None and not _never_reached_server(exc.__cause__):
-                for rid in rids:
-                    self._abort_in_background(rid)
+        except (asyncio.CancelledError, EngineUnavailable) as exc:
+            self._abort_batch_if_sent(exc, rids)
             raise
         if not isinstance(payload, list) or len(payload) != len(requests):
             got = len(payload) if isinstance(payload, list) else type(payload).__name__
@@ -383,13 +377,7 @@ class EngineClient:
                 "POST", "/generate", json=batch_json(requests), idempotent=True, rids=rids
             )
         except (asyncio.CancelledError, EngineUnavailable) as exc:
-            # Cancelled, or given up on (e.g. read timeouts): the server may still run them.
-            cause = getattr(exc, "__cause__", None)
-            if isinstance(exc, asyncio.CancelledError) or (
-                cause is not None and not _never_reached_server(cause)
-            ):
-                for rid in rids[-1]:
-                    self._abort_in_background(rid)
+            self._abort_batch_if_sent(exc, rids[-1])  # the rids of the last attempt
             raise
         if not isinstance(payload, list) or len(payload) != len(requests):
             got = len(payload) if isinstance(payload, list) else type(payload).__name__
@@ -431,6 +419,16 @@ class EngineClient:
             timeout_s=self.config.info_timeout_s,
             expect_json=False,
         )
+
+    def _abort_batch_if_sent(self, exc: BaseException, rids: Sequence[str]) -> None:
+        """A batched call was cancelled, or given up on after the server may have seen it
+        (e.g. read timeouts): abort its requests, which the server may still be running."""
+        cause = exc.__cause__
+        if isinstance(exc, asyncio.CancelledError) or (
+            cause is not None and not _never_reached_server(cause)
+        ):
+            for rid in rids:
+                self._abort_in_background(rid)
 
     def abort_in_background(self, rid: str | None) -> None:
         """Abort ``rid`` on the server without waiting (``aclose`` waits for it)."""
