@@ -33,21 +33,37 @@ a non-root process is refused, because without a uid to drop to, process limits 
 the caller's own processes and host files owned by the caller would be writable.
 
 Only the working directory persists between calls; ``/tmp`` and every process are fresh per
-call. Host-side ``read_text``/``write_text`` confine paths to the working directory (symlinks
-the sandbox planted are resolved before the check; no sandbox process runs while they do).
+call. Everything the host does inside it treats its contents as hostile (no sandbox process
+runs while it does):
+
+- ``read_text``/``write_text`` confine paths to the working directory (symlinks the sandbox
+  planted are resolved before the check), open with ``O_NOFOLLOW | O_NONBLOCK | O_NOCTTY``,
+  refuse anything but a regular file (a FIFO, socket, device or directory) with
+  ``SandboxFileError`` before reading or writing a byte, and read or write at most
+  ``max_file_bytes``: a planted FIFO cannot block the host.
+- the disk limit counts every entry (directories, empty files, symlinks, hard links) by its
+  blocks and against ``max_inodes``, measured after every call whatever ended it; a working
+  directory over either limit is emptied at once, so nothing of it stays on the host.
+- every walk (measuring, emptying, removing) is iterative and moves one directory fd down
+  and up the tree, so a tree deeper than ``PATH_MAX`` or the recursion limit is measured
+  and removed like any other, and ``close()`` always removes the sandbox's directory and
+  releases its uid.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
+import logging
 import os
 import re
 import select
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -57,12 +73,16 @@ from pathlib import Path
 
 __all__ = [
     "SANDBOX_WORKDIR",
+    "DiskUsage",
     "ExecResult",
     "Sandbox",
+    "SandboxFileError",
     "SandboxLimits",
     "SandboxUnavailable",
     "check_isolation",
 ]
+
+log = logging.getLogger(__name__)
 
 SANDBOX_WORKDIR = "/workspace"
 """Where the working directory appears inside the sandbox (the cwd of every command)."""
@@ -79,6 +99,13 @@ class SandboxUnavailable(RuntimeError):
     """Isolation cannot be set up here; the message names why and how to fix it."""
 
 
+class SandboxFileError(ValueError):
+    """A host-side read or write of the working directory refused a path: outside the working
+    directory, not a regular file (a FIFO, socket, device, directory), too large, or not
+    openable. The message names the path and why; callers turn it into a tool observation
+    (a ``ValueError``, as path refusals always were)."""
+
+
 @dataclass(frozen=True)
 class SandboxLimits:
     """Per-call limits of a sandbox (the ``Toolbox`` config fills them; ``Sandbox`` enforces them).
@@ -86,8 +113,12 @@ class SandboxLimits:
     ``memory_bytes`` caps each process's address space (RLIMIT_AS) and, with the memory
     cgroup, the resident memory of the whole call. ``max_processes`` counts processes and
     threads of the sandbox's uid. ``max_disk_bytes`` is the size of the private ``/tmp`` and
-    the most the working directory may hold after a call (checked after each call; a
-    sandbox over it reports ``limit_hit="disk"`` and is unhealthy until reset).
+    the most the working directory may hold after a call: the allocated blocks of every
+    entry, directories and symlinks included. ``max_inodes`` is the most entries (files,
+    directories, symlinks, hard links) it may hold. Both are checked after every call; a
+    working directory over either is emptied, the call reports ``limit_hit="disk"`` and the
+    sandbox is unhealthy until reset. ``max_file_bytes`` also bounds what the host-side
+    ``read_text``/``write_text`` read or write.
     """
 
     cpu_seconds: float = 30.0
@@ -97,12 +128,19 @@ class SandboxLimits:
     max_output_bytes: int = 65536
     max_file_bytes: int = 64 << 20
     max_disk_bytes: int = 512 << 20
+    max_inodes: int = 65536
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(
+                    f"SandboxLimits.{name} must be a number, got {type(value).__name__} {value!r}"
+                )
             if not value > 0:
                 raise ValueError(f"SandboxLimits.{name} must be > 0, got {value!r}")
+            if name not in ("cpu_seconds", "wall_seconds") and not isinstance(value, int):
+                raise ValueError(f"SandboxLimits.{name} must be an integer, got {value!r}")
         if self.memory_bytes < 64 << 20:
             raise ValueError(
                 f"SandboxLimits.memory_bytes={self.memory_bytes} is too small for bash and "
@@ -121,7 +159,9 @@ class ExecResult:
     stdout and stderr interleaved, decoded as UTF-8 (invalid bytes replaced), at most
     ``max_output_bytes`` long. ``limit_hit`` names the first limit the call ran into:
     ``"wall_time"``, ``"output"``, ``"cpu_time"``, ``"memory"``, ``"processes"``,
-    ``"file_size"`` or ``"disk"``; None when none did.
+    ``"file_size"`` or ``"disk"``; None when none did. ``"disk"`` wins over the others: the
+    working directory was over ``max_disk_bytes`` or ``max_inodes`` after the call and has
+    been emptied (``Sandbox.last_disk_usage`` holds the figures).
     """
 
     exit_code: int | None
@@ -130,6 +170,19 @@ class ExecResult:
     timed_out: bool
     limit_hit: str | None
     wall_s: float
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    """What the working directory holds: ``bytes`` allocated (``st_blocks * 512`` of every
+    entry, directories and the working directory itself included, each inode once) and
+    ``inodes`` (every entry below it; a hard link counts as one more). ``complete`` is False
+    when the walk stopped early because a limit was already exceeded (the figures are then
+    lower bounds, each already over its limit or on the way there)."""
+
+    bytes: int
+    inodes: int
+    complete: bool
 
 
 def _which(name: str) -> str:
@@ -237,6 +290,231 @@ def _kill_uid(uid: int) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _rmdir_cgroup(path: Path) -> None:
+    """Remove a cgroup; its last processes may take a moment to be reaped after SIGKILL."""
+    for _ in range(50):
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            time.sleep(0.01)
+    path.rmdir()
+
+
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFLNK: "a symbolic link",
+}
+
+
+def _refuse_unless_regular(mode: int, shown: str) -> None:
+    if not stat.S_ISREG(mode):
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise SandboxFileError(
+            f"{shown!r} is {kind}, not a regular file; only regular files can be read or "
+            "written by this tool (remove or rename it with bash first)"
+        )
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+# ------------------------------------------------------------------- walks of hostile trees
+#
+# The working directory's contents are the sandbox's: any depth (deeper than PATH_MAX and the
+# recursion limit), any number of entries, any file type. Every walk below is iterative and
+# holds one directory fd, moved down by name (O_NOFOLLOW: never through a symlink) and up by
+# "..", checked against the (st_dev, st_ino) it came from; no path longer than one name is
+# ever built. No sandbox process runs while they do, so the tree does not change under them.
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_BATCH = 4096  # entries listed at once while emptying a directory (bounds the host's memory)
+
+
+class _Cursor:
+    """One open directory of a walk; ``down``/``up`` move it one level."""
+
+    def __init__(self, top: str | os.PathLike[str]) -> None:
+        self.fd = os.open(top, _DIR_FLAGS)
+        self._trail: list[tuple[str, tuple[int, int]]] = []  # (name, parent's dev and inode)
+
+    def down(self, name: str) -> None:
+        parent = os.fstat(self.fd)
+        child = os.open(name, _DIR_FLAGS, dir_fd=self.fd)
+        os.close(self.fd)
+        self.fd = child
+        self._trail.append((name, (parent.st_dev, parent.st_ino)))
+
+    def up(self) -> str:
+        """Back to the parent; returns the name of the directory just left."""
+        name, parent_id = self._trail.pop()
+        parent = os.open("..", _DIR_FLAGS, dir_fd=self.fd)
+        os.close(self.fd)
+        self.fd = parent
+        st = os.fstat(parent)
+        if (st.st_dev, st.st_ino) != parent_id:
+            raise OSError(errno.ESTALE, f"directory {name!r} moved during a walk of the sandbox")
+        return name
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _Over(Exception):
+    """A measuring walk passed a limit: the rest need not be counted."""
+
+
+def _measure(top: Path, max_bytes: int, max_inodes: int) -> DiskUsage:
+    """What ``top`` holds (see ``DiskUsage``); stops as soon as either limit is exceeded, so a
+    flood of entries costs the host at most ``max_inodes`` stat calls."""
+    cursor = _Cursor(top)
+    total = os.fstat(cursor.fd).st_blocks * 512
+    inodes = 0
+    linked: set[tuple[int, int]] = set()
+
+    def scan() -> list[str]:
+        nonlocal total, inodes
+        subdirs = []
+        with os.scandir(cursor.fd) as entries:
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                inodes += 1
+                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                    key = (st.st_dev, st.st_ino)
+                    if key not in linked:
+                        linked.add(key)
+                        total += st.st_blocks * 512
+                else:
+                    total += st.st_blocks * 512
+                if total > max_bytes or inodes > max_inodes:
+                    raise _Over
+                if stat.S_ISDIR(st.st_mode):
+                    subdirs.append(entry.name)
+        return subdirs
+
+    try:
+        levels = [scan()]  # per depth, the subdirectories still to visit
+        while levels:
+            if levels[-1]:
+                cursor.down(levels[-1].pop())
+                levels.append(scan())
+            else:
+                levels.pop()
+                if levels:
+                    cursor.up()
+    except _Over:
+        return DiskUsage(bytes=total, inodes=inodes, complete=False)
+    finally:
+        cursor.close()
+    return DiskUsage(bytes=total, inodes=inodes, complete=True)
+
+
+def _unlink_batch(dir_fd: int) -> list[str] | None:
+    """Unlink up to ``_BATCH`` non-directories of a directory; the subdirectories among the
+    entries listed, or None when it was empty."""
+    subdirs: list[str] = []
+    listed = 0
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            listed += 1
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(entry.name)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.name, dir_fd=dir_fd)
+            if listed >= _BATCH:
+                break
+    return subdirs if listed else None
+
+
+def _empty_tree(top: Path) -> None:
+    """Remove everything below ``top`` (which stays), depth-first without recursion; each
+    directory is emptied in batches, so memory is bounded by the depth and ``_BATCH``."""
+    cursor = _Cursor(top)
+    try:
+        levels: list[list[str]] = [[]]  # per depth, subdirectories of the current batch
+        while levels:
+            if levels[-1]:
+                cursor.down(levels[-1].pop())
+                levels.append([])
+                continue
+            batch = _unlink_batch(cursor.fd)
+            if batch is not None:
+                levels[-1] = batch
+                continue
+            levels.pop()  # this directory is empty now
+            if levels:
+                os.rmdir(cursor.up(), dir_fd=cursor.fd)
+    finally:
+        cursor.close()
+
+
+def _chown_tree(top: Path, uid: int) -> None:
+    """``lchown`` every entry below ``top`` (and ``top``) to ``uid``, without recursion."""
+    os.chown(top, uid, uid, follow_symlinks=False)
+    cursor = _Cursor(top)
+
+    def scan() -> list[str]:
+        subdirs = []
+        with os.scandir(cursor.fd) as entries:
+            for entry in entries:
+                os.chown(entry.name, uid, uid, dir_fd=cursor.fd, follow_symlinks=False)
+                if entry.is_dir(follow_symlinks=False):
+                    subdirs.append(entry.name)
+        return subdirs
+
+    try:
+        levels = [scan()]
+        while levels:
+            if levels[-1]:
+                cursor.down(levels[-1].pop())
+                levels.append(scan())
+            else:
+                levels.pop()
+                if levels:
+                    cursor.up()
+    finally:
+        cursor.close()
+
+
+def _remove_dir(path: Path) -> None:
+    """Remove ``path`` and everything below it; falls back to ``rm -rf`` (bounded in time) if
+    the walk fails, and raises ``OSError`` naming what is left if that fails too."""
+    try:
+        _empty_tree(path)
+        os.rmdir(path)
+        return
+    except Exception as exc:  # whatever it was, rm -rf gets its turn
+        error = exc
+    if not os.path.lexists(path):
+        return
+    log.warning("removing %s failed (%s: %s); trying rm -rf", path, type(error).__name__, error)
+    rm = shutil.which("rm") or "/bin/rm"
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(
+            [rm, "-rf", "--one-file-system", "--", str(path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=300,
+            check=False,
+        )
+    if os.path.lexists(path):
+        raise OSError(errno.ENOTEMPTY, f"could not remove it ({error})", str(path))
+
+
 class Sandbox:
     """One isolated working directory; see the module docstring for what isolation means.
 
@@ -262,6 +540,9 @@ class Sandbox:
         self._setup_broken = False
         self._cgroups: dict[str, Path] = {}
         self._disk_over = False
+        self.last_disk_usage: DiskUsage | None = None
+        """What the working directory held after the last call (or the one that went over
+        the disk limit, until ``reset``)."""
         self._uid = _acquire_uid()
         try:
             parent = Path(base_dir) if base_dir is not None else Path(tempfile.gettempdir())
@@ -339,7 +620,7 @@ class Sandbox:
                 "tmpfs",
                 str(root / "tmp"),
                 "tmpfs",
-                f"size={disk},nr_inodes=65536,mode=1777,nosuid,nodev",
+                f"size={disk},nr_inodes={self.limits.max_inodes},mode=1777,nosuid,nodev",
             ),
             ("tmpfs", str(root / "dev/shm"), "tmpfs", f"size={disk},mode=1777,nosuid,nodev,noexec"),
             # hidepid: the sandbox uid cannot see the root-owned init and its setup arguments
@@ -501,7 +782,10 @@ class Sandbox:
         if exit_code == _SETUP_FAILED and _SETUP_MARKER in output:
             self._setup_broken = True
             raise SandboxUnavailable(f"sandbox isolation failed for this call: {output.strip()}")
-        limit = killed_for or self._limit_from(exit_code, output, before)
+        # Measured after every call, whatever ended it: a flood that ran into the wall
+        # clock or the output limit counts as much as one that finished.
+        disk_over = self._check_disk()
+        limit = "disk" if disk_over else killed_for or self._limit_from(exit_code, output, before)
         return ExecResult(
             exit_code=exit_code,
             output=output,
@@ -528,10 +812,25 @@ class Sandbox:
             "fork: retry" in output or "Resource temporarily unavailable" in output
         ):
             return "processes"
-        if self._disk_usage() > self.limits.max_disk_bytes:
-            self._disk_over = True
-            return "disk"
         return None
+
+    def _check_disk(self) -> bool:
+        """Measure the working directory; over a limit, empty it (its contents must not stay
+        on the host) and mark the sandbox unhealthy until reset. True when it was over."""
+        lim = self.limits
+        usage = _measure(self.workdir, lim.max_disk_bytes, lim.max_inodes)
+        self.last_disk_usage = usage
+        if usage.bytes <= lim.max_disk_bytes and usage.inodes <= lim.max_inodes:
+            return False
+        self._disk_over = True
+        log.warning(
+            "sandbox uid %d: the working directory went over the disk limit (%d bytes, %d "
+            "entries%s; limits %d bytes, %d entries); emptied it",
+            self.uid, usage.bytes, usage.inodes, "" if usage.complete else " at least",
+            lim.max_disk_bytes, lim.max_inodes,
+        )  # fmt: skip
+        _empty_tree(self.workdir)
+        return True
 
     def _kill(self, proc: subprocess.Popen) -> None:
         """Kill the call's whole process tree: SIGKILL to ``unshare`` kills the namespace's
@@ -554,53 +853,164 @@ class Sandbox:
     # ------------------------------------------------------------------- host-side files
 
     def _resolve(self, rel: str | os.PathLike[str]) -> Path:
-        rel = str(rel)
+        """The real path of ``rel`` (relative to the working directory, or under
+        /workspace), symlinks resolved; ``SandboxFileError`` if it is outside."""
+        rel = os.fspath(rel)
         if rel == SANDBOX_WORKDIR or rel.startswith(SANDBOX_WORKDIR + "/"):
             rel = rel[len(SANDBOX_WORKDIR) :].lstrip("/")
         if os.path.isabs(rel):
-            raise ValueError(
+            raise SandboxFileError(
                 f"path {rel!r} is outside the working directory; use a path relative to "
                 f"{SANDBOX_WORKDIR} (or under it)"
             )
-        root = self.workdir.resolve()
-        path = (root / rel).resolve()
+        if "\0" in rel:
+            raise SandboxFileError(f"path {rel!r} contains a NUL byte")
+        root = Path(os.path.realpath(self.workdir))
+        # realpath (not Path.resolve, which raises RuntimeError on a symlink loop): a loop or
+        # a path too long to resolve is left as it is, and opening it fails below.
+        path = Path(os.path.realpath(root / rel))
         if path != root and root not in path.parents:
-            raise ValueError(
+            raise SandboxFileError(
                 f"path {rel!r} resolves outside the working directory {SANDBOX_WORKDIR}; only "
                 "files under it can be read or written"
             )
         return path
 
-    def read_text(self, rel: str | os.PathLike[str]) -> str:
-        """A file of the working directory (``rel`` relative to it, or under /workspace)."""
-        path = self._resolve(rel)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with open(fd, encoding="utf-8", errors="replace") as f:
-            return f.read()
+    def _open_parent(
+        self, rel: str | os.PathLike[str], create: bool, follow_last: bool = True
+    ) -> tuple[int, str, str]:
+        """An fd of the directory that holds ``rel``, reached one name at a time from the
+        working directory without following symlinks (missing directories are made, owned
+        by the sandbox uid, when ``create``); with the file's name and the path as shown.
+        Without ``follow_last``, a symlink as the last component is not resolved: the name
+        is the link's own."""
+        if follow_last:
+            path = self._resolve(rel)
+        else:
+            head, tail = os.path.split(os.fspath(rel))
+            if tail in ("", ".", "..") or "\0" in tail:
+                raise SandboxFileError(f"path {os.fspath(rel)!r} does not name a file")
+            path = self._resolve(head or ".") / tail
+        root = Path(os.path.realpath(self.workdir))
+        parts = path.relative_to(root).parts
+        if not parts:
+            raise SandboxFileError(f"{SANDBOX_WORKDIR} is a directory, not a regular file")
+        shown = f"{SANDBOX_WORKDIR}/{'/'.join(parts)}"
+        fd = os.open(self.workdir, _DIR_FLAGS)
+        try:
+            for name in parts[:-1]:
+                try:
+                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                    os.chown(name, self.uid, self.uid, dir_fd=fd, follow_symlinks=False)
+                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:  # a FIFO or file on the way (ENOTDIR), ...
+                    raise SandboxFileError(
+                        f"cannot reach {shown!r}: {name!r} on the way is not a directory "
+                        f"({exc.strerror})"
+                    ) from None
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, parts[-1], shown
 
-    def write_text(self, rel: str | os.PathLike[str], text: str) -> None:
-        """Write a file of the working directory, owned by the sandbox uid; parent
-        directories are created."""
-        path = self._resolve(rel)
+    def _open_regular(self, dir_fd: int, name: str, shown: str, flags: int) -> int:
+        """Open ``name`` (in ``dir_fd``) only if it is a regular file (or absent, with
+        ``O_CREAT``): checked before opening, so a FIFO or device is never opened, and on the
+        opened fd, and never blocking (``O_NONBLOCK``), never through a symlink."""
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            if not flags & os.O_CREAT:
+                raise
+        else:
+            _refuse_unless_regular(st.st_mode, shown)
+        try:
+            fd = os.open(name, flags | _FILE_FLAGS, 0o644, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise SandboxFileError(f"cannot open {shown!r}: {exc.strerror}") from None
+        try:
+            _refuse_unless_regular(os.fstat(fd).st_mode, shown)
+            os.set_blocking(fd, True)  # a regular file: reads and writes complete
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def read_text(self, rel: str | os.PathLike[str]) -> str:
+        """A regular file of the working directory (``rel`` relative to it, or under
+        /workspace), decoded as UTF-8 (invalid bytes replaced). Raises ``SandboxFileError``
+        for a path outside it, anything but a regular file (FIFO, socket, device, directory)
+        or a file over ``max_file_bytes``; ``FileNotFoundError`` if there is none."""
+        limit = self.limits.max_file_bytes
+        dir_fd, name, shown = self._open_parent(rel, create=False)
+        try:
+            fd = self._open_regular(dir_fd, name, shown, os.O_RDONLY)
+        finally:
+            os.close(dir_fd)
+        with open(fd, "rb", closefd=True) as f:
+            size = os.fstat(fd).st_size
+            if size > limit:
+                raise SandboxFileError(
+                    f"{shown!r} is {size} bytes, more than the sandbox's max_file_bytes={limit}; "
+                    "read a part of it with bash (head, sed -n)"
+                )
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise SandboxFileError(f"{shown!r} is more than max_file_bytes={limit} bytes")
+        return data.decode("utf-8", errors="replace")
+
+    def write_text(self, rel: str | os.PathLike[str], text: str, *, replace: bool = False) -> None:
+        """Write a regular file of the working directory, owned by the sandbox uid; parent
+        directories are created. Raises ``SandboxFileError`` for a path outside it, text
+        over ``max_file_bytes``, or an existing entry that is not a regular file (FIFO,
+        socket, device, directory). With ``replace``, whatever non-directory entry is at the
+        path (a FIFO, a socket, a symlink) is replaced by a new regular file instead, never
+        opened: for restoring files as shipped over whatever the sandbox put there."""
         data = text.encode("utf-8")
-        if len(data) > self.limits.max_file_bytes:
-            raise ValueError(
-                f"{len(data)} bytes exceed the sandbox's max_file_bytes={self.limits.max_file_bytes}"
-            )
-        created = []
-        parent = path.parent
-        while not parent.exists():
-            created.append(parent)
-            parent = parent.parent
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for directory in created:
-            os.chown(directory, self.uid, self.uid)
-        fd = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-        )
-        with open(fd, "wb") as f:
-            f.write(data)
-        os.chown(path, self.uid, self.uid)
+        limit = self.limits.max_file_bytes
+        if len(data) > limit:
+            raise SandboxFileError(f"{len(data)} bytes exceed the sandbox's max_file_bytes={limit}")
+        dir_fd, name, shown = self._open_parent(rel, create=True, follow_last=not replace)
+        try:
+            if replace:
+                self._replace_file(dir_fd, name, shown, data)
+                return
+            fd = self._open_regular(dir_fd, name, shown, os.O_WRONLY | os.O_CREAT)
+            try:
+                os.ftruncate(fd, 0)
+                _write_all(fd, data)
+                os.fchown(fd, self.uid, self.uid)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(dir_fd)
+
+    def _replace_file(self, dir_fd: int, name: str, shown: str, data: bytes) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                raise SandboxFileError(f"{shown!r} is a directory, not a regular file")
+        tmp = f".mopd-write-{os.getpid()}-{time.monotonic_ns()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o644, dir_fd=dir_fd)
+        try:
+            try:
+                _write_all(fd, data)
+                os.fchown(fd, self.uid, self.uid)
+            finally:
+                os.close(fd)
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
 
     def reset(self, files_from: Path | None = None) -> None:
         """Make the working directory a fresh copy of ``files_from`` (empty for None)."""
@@ -608,29 +1018,21 @@ class Sandbox:
             raise RuntimeError("Sandbox.reset on a closed sandbox")
         _kill_uid(self.uid)
         # Empty it in place: the directory itself is the bind source of every call.
-        for entry in os.scandir(self.workdir):
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
-            else:
-                os.unlink(entry.path)
+        _empty_tree(self.workdir)
         if files_from is not None:
             src = Path(files_from)
             if not src.is_dir():
                 raise ValueError(f"files_from={src} is not a directory")
             shutil.copytree(src, self.workdir, symlinks=True, dirs_exist_ok=True)
-            for dirpath, dirnames, filenames in os.walk(self.workdir):
-                for name in dirnames + filenames:
-                    os.lchown(os.path.join(dirpath, name), self.uid, self.uid)
+            _chown_tree(self.workdir, self.uid)
+        self.last_disk_usage = None
         self._disk_over = False
         self._setup_broken = False
 
-    def _disk_usage(self) -> int:
-        total = 0
-        for dirpath, _, filenames in os.walk(self.workdir):
-            for name in filenames:
-                with contextlib.suppress(OSError):
-                    total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-        return total
+    def disk_usage(self) -> DiskUsage:
+        """Measure the working directory now (see ``DiskUsage``; the walk stops once a limit
+        is exceeded)."""
+        return _measure(self.workdir, self.limits.max_disk_bytes, self.limits.max_inodes)
 
     def healthy(self) -> bool:
         """True if the sandbox can take a call: open, its isolation set up on the last call,
@@ -639,24 +1041,37 @@ class Sandbox:
             return False
         try:
             result = self.run("echo ok", timeout_s=min(10.0, self.limits.wall_seconds))
-        except SandboxUnavailable:
+        except (SandboxUnavailable, OSError) as exc:
+            log.warning("sandbox uid %d is unhealthy: %s: %s", self.uid, type(exc).__name__, exc)
             return False
         return result.exit_code == 0 and result.output == "ok\n"
 
     def close(self) -> None:
-        """Kill anything left, remove the cgroups and (if we made it) the base directory."""
+        """Kill anything left, remove the cgroups and the base directory, release the uid.
+        Each step runs even if an earlier one failed (logged); the uid is always released."""
         if self._closed:
             return
         self._closed = True
         if not hasattr(self, "_uid"):
             return
-        _kill_uid(self.uid)
-        for cg in self._cgroups.values():
-            with contextlib.suppress(OSError):
-                cg.rmdir()
-        if getattr(self, "_base", None) is not None and self._base.exists():
-            shutil.rmtree(self._base, ignore_errors=True)
-        os.close(self._uid.lock_fd)
+        try:
+            try:
+                _kill_uid(self.uid)
+            except Exception as exc:
+                log.warning("sandbox uid %d: killing its processes failed: %s", self.uid, exc)
+            for cg in self._cgroups.values():
+                try:
+                    _rmdir_cgroup(cg)
+                except OSError as exc:
+                    log.warning("sandbox uid %d: cannot remove cgroup %s: %s", self.uid, cg, exc)
+            base = getattr(self, "_base", None)
+            if base is not None:
+                try:
+                    _remove_dir(base)
+                except Exception as exc:
+                    log.error("sandbox uid %d: its directory %s is left: %s", self.uid, base, exc)
+        finally:
+            os.close(self._uid.lock_fd)
 
     def __enter__(self) -> Sandbox:
         return self
