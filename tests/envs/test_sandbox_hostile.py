@@ -261,34 +261,46 @@ def test_a_flood_killed_by_the_wall_clock_is_counted_too(sandbox):
 
 # ------------------------------------------------------------ item 3: trees deeper than PATH_MAX
 
-DEEP = _python(
-    "import os\nfor _ in range(1500): os.mkdir('dddddddd'); os.chdir('dddddddd')\n"
-    "open('leaf', 'w').write('x')\nimport os.path\nprint(len(os.getcwd()))"
-)
+
+def _deep(name: str) -> str:
+    """A sandbox command making a chain of 1500 directories called ``name`` with a file at
+    the bottom; prints the length of the bottom's path."""
+    return _python(
+        f"import os\nfor _ in range(1500): os.mkdir({name!r}); os.chdir({name!r})\n"
+        "open('leaf', 'w').write('x')\nprint(len(os.getcwd()))"
+    )
 
 
 @needs_root
-def test_a_tree_deeper_than_path_max_breaks_nothing_and_leaves_nothing(task, tmp_path):
+@pytest.mark.parametrize(
+    "name",
+    [
+        "d",  # 3000 characters: under PATH_MAX, over the recursion limit of a recursive walk
+        "dddddddd",  # 13500 characters: over PATH_MAX (a walk by paths stops there)
+    ],
+)
+def test_a_deep_tree_breaks_nothing_and_leaves_nothing(task, tmp_path, name):
     base = tmp_path / "sandboxes"
     sb = Sandbox(task, LIMITS, base_dir=base)
     (sandbox_dir,) = base.iterdir()
-    made = sb.run(DEEP)
+    made = sb.run(_deep(name))
     assert made.exit_code == 0 and made.limit_hit is None, made
-    assert int(made.output) > os.pathconf("/", "PC_PATH_MAX")  # 1500 * 9 characters
-    usage = sb.disk_usage()
-    assert usage.complete and usage.inodes == 1 + 1500 + 1  # test_calc.py, dirs, leaf
+    assert int(made.output) > 1500 * (len(name) + 1)
+    counted = sb.last_disk_usage  # the check after the call saw all of it
+    assert counted.complete and counted.inodes == 1 + 1500 + 1  # test_calc.py, dirs, leaf
     listed, error, _ = _bounded(sb.run, "ls")
-    assert error is None and listed.output == "dddddddd\ntest_calc.py\n", error
-    assert listed.limit_hit is None and sb.last_disk_usage == usage
+    assert error is None and listed.output == f"{name}\ntest_calc.py\n", error
+    assert listed.limit_hit is None and sb.last_disk_usage == counted
     assert _bounded(sb.healthy)[:2] == (True, None)
     _, error, elapsed = _bounded(sb.reset, task)
     assert error is None and elapsed < PROMPT_S, error
     assert os.listdir(sb.workdir) == ["test_calc.py"]
-    assert sb.run(DEEP).exit_code == 0  # deep again, then close
+    assert sb.run(_deep(name)).exit_code == 0  # deep again, then close
+    assert sb.disk_usage() == counted
     uid = sb.uid
     assert _uid_lock_held(uid)
     _, error, _ = _bounded(sb.close)
-    assert error is None
+    assert error is None, error
     assert not sandbox_dir.exists() and list(base.iterdir()) == []
     assert not _uid_lock_held(uid)
 
