@@ -20,19 +20,33 @@ loop, so what it counts it counts across every caller:
   ``max_wait_s`` behind at most ``max_queue`` others, then gets a refusal observation
   (``is_error``, naming the limit) instead of running: the model sees it and the rollout goes
   on. Admission is FIFO.
-- **off the event loop**: a call runs ``envs.tools.run_tool`` (a blocking subprocess) in a
-  thread pool with one thread per slot of every quota, so the loop keeps admitting and
-  counting while calls run. A call's concurrency slot is held until its thread returns,
-  even when the caller stopped waiting (``call_timeout_s``): the limit counts processes
-  that really run, not awaits. Calls in one sandbox run one at a time (a later one waits
-  for an overrunning one, which the sandbox's wall limit ends).
+- **off the event loop, bounded in time**: a call runs ``envs.tools.run_tool`` (a blocking
+  subprocess) on a thread of its own, so the loop keeps admitting and counting while calls
+  run. A call's concurrency slot is held until its thread returns, even when the caller
+  stopped waiting (``call_timeout_s``): the limit counts processes that really run, not
+  awaits; but never longer than the longest a call can legitimately take (the sandbox's wall
+  limit + ``call_grace_s``): past it the slot is returned and the sandbox is retired at
+  release. Calls in one sandbox run one at a time (a later one waits for an overrunning one,
+  which the sandbox's wall limit ends).
+- **host-side upkeep, bounded in time**: every other operation on a sandbox (reset to the
+  task's files, health check, close, building a new one) runs on a thread of its own for at
+  most ``upkeep_timeout_s``. Nothing the model leaves in a sandbox (FIFOs, deep trees, floods
+  of files) can make ``acquire``, ``release`` or ``close`` wait longer than that: a sandbox
+  whose operation overran or raised is **retired** (closed on a background thread; logged)
+  and a fresh one takes its place, so the pool stays full. A thread that never returns (a
+  host call blocked in the kernel) holds nothing but itself: no pool worker, no slot, no
+  exit of the interpreter. ``stats()["pool"]`` counts ``replaced`` sandboxes, ``missing``
+  ones (a fresh one could not be built yet: retried at every release and health check) and
+  ``unclosed`` ones (their close failed: named in the log).
 - **health**: a sandbox whose call failed, or that fails ``Sandbox.healthy()`` (a trivial
-  command in it), is closed and replaced by a new one when its lease is released; idle
-  sandboxes are checked every ``health_interval_s``. ``stats()["pool"]["replaced"]`` counts
-  replacements.
+  command in it), is retired and replaced when its lease is released; idle sandboxes are
+  checked every ``health_interval_s``.
 
 ``check`` (``run_check``) is not a model tool: it is the environment's own command (the
-code-repair test command that decides the reward), with its own quota key ``"check"``.
+code-repair test run that decides the reward), with its own quota key ``"check"``. The files
+it restores first (the task's tests, as shipped) are put in place by the sandbox itself:
+whatever the model left at their paths (a FIFO, a directory, a symlink) is removed without
+being opened, so no restore can block the check or hold its slot.
 
 ``stats()`` reports per quota key: calls, refusals, errors, peak concurrency, the largest
 number of call starts seen in any 1 s window (``max_qps_observed``), running and waiting now.
@@ -43,13 +57,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shlex
+import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from envs.sandbox import ExecResult, Sandbox, SandboxLimits, check_isolation
@@ -129,8 +144,16 @@ class ToolboxConfig:
     acquire_timeout_s: float = 300.0
     """How long ``acquire`` waits for a free sandbox before raising ``ToolboxBusy``."""
     call_timeout_s: float | None = None
-    """How long a caller waits for one call (default: the sandbox wall limit + 10 s); past it
-    the call's observation says so and its sandbox is checked at release."""
+    """How long a caller waits for one call (default: the sandbox wall limit +
+    ``call_grace_s``); past it the call's observation says so and its sandbox is checked at
+    release."""
+    call_grace_s: float = 10.0
+    """What a call may take beyond the sandbox's wall limit (isolation setup, teardown)
+    before the Toolbox stops counting it as running: its concurrency slot is returned and
+    its sandbox retired at release."""
+    upkeep_timeout_s: float = 60.0
+    """The longest one host-side operation on a sandbox (reset, health check, close, building
+    one) may take; past it the sandbox is retired and replaced."""
     health_interval_s: float | None = 60.0
     """Period of the health check of idle sandboxes (None: only at release)."""
     base_dir: str | None = None
@@ -139,8 +162,11 @@ class ToolboxConfig:
     def __post_init__(self) -> None:
         if self.pool_size < 1:
             raise ValueError(f"ToolboxConfig.pool_size={self.pool_size} must be >= 1")
-        if not self.acquire_timeout_s > 0:
-            raise ValueError("ToolboxConfig.acquire_timeout_s must be > 0")
+        for name in ("acquire_timeout_s", "upkeep_timeout_s", "call_grace_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ToolboxConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.call_timeout_s is not None and not self.call_timeout_s > 0:
+            raise ValueError("ToolboxConfig.call_timeout_s must be > 0 (or None: the default)")
         for name, quota in self.quotas.items():
             if not isinstance(quota, ToolQuota):
                 raise TypeError(f"ToolboxConfig.quotas[{name!r}] must be a ToolQuota")
@@ -250,9 +276,46 @@ class _Lease:
     since: float
     suspect: bool = False  # a call failed or overran: check health at release
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # no call runs in it now
+    busy_until: float = 0.0  # monotonic time by which the running call must have returned
 
     def __post_init__(self) -> None:
         self.idle.set()
+
+
+class _Overran(Exception):
+    """A host-side operation on a sandbox did not return within its bound."""
+
+
+def _in_thread(fn: Any, *args: Any) -> asyncio.Future:
+    """``fn(*args)`` on a new daemon thread; the future of its outcome, on the running loop.
+
+    Not a pool worker: a thread that never returns (a host call blocked in the kernel) holds
+    only itself, never a worker later calls need, and does not keep the interpreter from
+    exiting. Cancelling the future stops nothing (threads cannot be stopped); it only stops
+    waiting.
+    """
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (fn(*args), None)
+        except BaseException as e:  # handed to the loop, which decides
+            outcome = (None, e)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    name = f"toolbox-{getattr(fn, '__name__', 'op')}"
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return future
 
 
 class Toolbox:
@@ -268,9 +331,6 @@ class Toolbox:
         check_isolation()
         keys = {_spec_name(s) for s in TOOL_SPECS} | set(self.config.quotas) | {CHECK, _OTHER}
         self._gates_quota = {k: self.config.quota(k) for k in keys}
-        threads = sum(q.max_concurrency for q in self._gates_quota.values())
-        self._calls = ThreadPoolExecutor(threads, thread_name_prefix="toolbox-call")
-        self._upkeep = ThreadPoolExecutor(2, thread_name_prefix="toolbox-upkeep")
         self._idle_sandboxes: list[Sandbox] = [
             self._new_sandbox() for _ in range(self.config.pool_size)
         ]
@@ -278,7 +338,9 @@ class Toolbox:
         self._gates: dict[str, _Gate] | None = None
         self._idle: asyncio.Queue[Sandbox] | None = None
         self._health_task: asyncio.Task | None = None
-        self._replaced = self._health_checks = self._acquires = 0
+        self._background: set[asyncio.Task] = set()  # retirements and releases in progress
+        self._unclosed: list[Sandbox] = []  # retired sandboxes whose close failed
+        self._replaced = self._health_checks = self._acquires = self._missing = 0
         self._closed = False
 
     # ----------------------------------------------------------------------------- setup
@@ -302,8 +364,23 @@ class Toolbox:
                 self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
         return self._gates
 
-    async def _in_thread(self, pool: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+    async def _upkeep(self, what: str, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on its own thread, waited for at most ``upkeep_timeout_s``.
+
+        Raises ``_Overran`` past the bound (the thread goes on; the caller retires the
+        sandbox), else returns or raises what ``fn`` did.
+        """
+        limit = self.config.upkeep_timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.shield(_in_thread(fn, *args)), limit)
+        except TimeoutError:
+            raise _Overran(f"{what} did not return within upkeep_timeout_s={limit:g} s") from None
+
+    def _background_task(self, coro: Any) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     # ---------------------------------------------------------------------------- leases
 
@@ -314,9 +391,14 @@ class Toolbox:
         Raises:
             ToolboxBusy: no sandbox came free within ``acquire_timeout_s``.
             ValueError: ``files_from`` is not a directory.
+            RuntimeError: not even a fresh sandbox could be reset to ``files_from``.
         """
         self._started()
         assert self._idle is not None
+        src = None if files_from is None else Path(files_from)
+        if src is not None and not src.is_dir():
+            raise ValueError(f"files_from={src} is not a directory")
+        await self._refill()
         try:
             sandbox = await asyncio.wait_for(self._idle.get(), self.config.acquire_timeout_s)
         except TimeoutError:
@@ -325,23 +407,52 @@ class Toolbox:
                 f"{self.config.pool_size} are leased; raise ToolboxConfig.pool_size or "
                 "acquire_timeout_s, or run fewer rollouts at once"
             ) from None
-        src = None if files_from is None else Path(files_from)
+        # A caller that stops waiting (cancelled) does not lose the sandbox: the reset goes
+        # on, and what it leaves goes back to the pool.
+        preparing = self._background_task(self._prepare(sandbox, src))
         try:
-            try:
-                await self._in_thread(self._upkeep, sandbox.reset, src)
-            except ValueError:
-                raise
-            except Exception as e:  # the sandbox itself is broken: replace it, try once more
-                log.warning("sandbox reset failed (%s); replacing it", e)
-                sandbox = await self._replace(sandbox)
-                await self._in_thread(self._upkeep, sandbox.reset, src)
-        except BaseException:
-            self._idle.put_nowait(sandbox)
+            sandbox = await asyncio.shield(preparing)
+        except asyncio.CancelledError:
+            preparing.add_done_callback(self._return_prepared)
             raise
+        if self._closed:  # closed while the reset ran
+            self._shelve(sandbox)
+            raise RuntimeError("the Toolbox is closed")
         lease = uuid.uuid4().hex
         self._leases[lease] = _Lease(sandbox, time.monotonic())
         self._acquires += 1
         return lease
+
+    async def _prepare(self, sandbox: Sandbox, src: Path | None) -> Sandbox:
+        """``sandbox`` reset to ``src``; a broken one is replaced and the fresh one tried."""
+        assert self._idle is not None
+        for attempt in range(2):
+            try:
+                await self._upkeep("reset", sandbox.reset, src)
+                return sandbox
+            except Exception as e:
+                fresh = await self._replace(sandbox, f"its reset failed ({_describe(e)})")
+                if fresh is None or attempt == 1:
+                    if fresh is not None:
+                        self._shelve(fresh)
+                    raise RuntimeError(
+                        f"no sandbox could be reset to {src}: {_describe(e)}"
+                    ) from None
+                sandbox = fresh
+        raise AssertionError("unreachable")
+
+    def _return_prepared(self, preparing: asyncio.Task) -> None:
+        if not preparing.cancelled() and preparing.exception() is None:
+            self._shelve(preparing.result())
+
+    def _shelve(self, sandbox: Sandbox | None) -> None:
+        """Back to the idle pool; closed instead once the Toolbox is."""
+        if sandbox is None:
+            return
+        if self._closed or self._idle is None:
+            self._background_task(self._retire(sandbox))
+        else:
+            self._idle.put_nowait(sandbox)
 
     def _lease(self, lease: str) -> _Lease:
         try:
@@ -352,17 +463,35 @@ class Toolbox:
             ) from None
 
     async def release(self, lease: str) -> None:
-        """Hand the lease's sandbox back to the pool (checked, and replaced if broken)."""
+        """Hand the lease's sandbox back to the pool: checked, and replaced if broken or if a
+        call in it is still running past its bound.
+
+        Bounded in time (the running call's bound, then ``upkeep_timeout_s`` twice at most);
+        a caller that stops waiting does not stop the recycling.
+        """
         self._started()
-        assert self._idle is not None
         held = self._leases.pop(lease, None)
         if held is None:
             return
+        await asyncio.shield(self._background_task(self._recycle(held)))
+
+    async def _recycle(self, held: _Lease) -> None:
+        assert self._idle is not None
         sandbox = held.sandbox
-        await held.idle.wait()  # a call that overran still runs in it (until its wall limit)
-        if held.suspect or not await self._healthy(sandbox):
-            sandbox = await self._replace(sandbox)
-        self._idle.put_nowait(sandbox)
+        if not held.idle.is_set():  # a call that overran still runs (until its wall limit)
+            with contextlib.suppress(TimeoutError):
+                wait = max(0.0, held.busy_until - time.monotonic())
+                await asyncio.wait_for(held.idle.wait(), wait)
+        if not held.idle.is_set():
+            why = "a call in it did not return within its bound"
+        elif held.suspect:
+            why = "a call in it failed or overran"
+        elif not await self._healthy(sandbox):
+            why = "it failed its health check"
+        else:
+            self._shelve(sandbox)
+            return
+        self._shelve(await self._replace(sandbox, why))
 
     def workdir(self, lease: str) -> str:
         """The host path of the lease's working directory (for tests and debugging)."""
@@ -392,26 +521,33 @@ class Toolbox:
         timeout_s: float | None = None,
         files: Mapping[str, str] | None = None,
     ) -> ExecResult:
-        """Run the environment's own command (e.g. the task's test command) in the lease's
-        sandbox under the ``"check"`` quota, after writing ``files`` (relative path -> text)
-        into its working directory (the task's tests, restored as shipped). Raises
-        ``RuntimeError`` naming the reason when it could not run (refused, overran, sandbox
-        broken)."""
+        """Run the environment's own command (e.g. the task's test run) in the lease's
+        sandbox under the ``"check"`` quota, after restoring ``files`` (relative path ->
+        text) in its working directory: whatever is at each path (a file, a FIFO, a
+        directory, a symlink), and any non-directory on the way to it, is removed without
+        being opened, and the text is written there. The restore is part of the sandboxed
+        command, so ``timeout_s`` bounds both.
+
+        Raises ``RuntimeError`` naming the reason when it could not run (refused, overran,
+        sandbox broken), ``ValueError`` for a path that is not a plain relative one.
+        """
         gates = self._started()
         held = self._lease(lease)
+        files = {_relative(rel): text for rel, text in (files or {}).items()}
         result = await self._gated(
-            gates[CHECK], held, _restore_and_run, held.sandbox, command, timeout_s, files or {}
+            gates[CHECK], held, _restore_and_run, held.sandbox, command, timeout_s, files
         )
         if isinstance(result, str):
             raise RuntimeError(f"check command did not run: {result}")
         return result
 
     async def _gated(self, gate: _Gate, held: _Lease, fn: Any, *args: Any) -> Any:
-        """``fn(*args)`` in the call pool under ``gate``; a str (the reason) when refused or
+        """``fn(*args)`` on its own thread under ``gate``; a str (the reason) when refused or
         failed, else what ``fn`` returned."""
+        bound = self.config.limits.wall_seconds + self.config.call_grace_s
         timeout = self.config.call_timeout_s
         if timeout is None:
-            timeout = self.config.limits.wall_seconds + 10.0
+            timeout = bound
         # One call at a time per sandbox (a Sandbox is not thread-safe): a call whose caller
         # stopped waiting still runs until the sandbox's wall limit ends it.
         try:
@@ -425,41 +561,119 @@ class Toolbox:
                 "Try again later with fewer calls."
             )
         held.idle.clear()
+        held.busy_until = time.monotonic() + max(timeout, bound)
+        loop = asyncio.get_running_loop()
+        left = counted = False
+
+        def leave() -> None:  # the slot goes back exactly once: thread returned or bound hit
+            nonlocal left
+            if not left:
+                left = True
+                gate.leave()
+
+        def failed() -> None:  # one error per call, however many ways it failed
+            nonlocal counted
+            held.suspect = True
+            if not counted:
+                counted = True
+                gate.errors += 1
+
+        def overran() -> None:
+            if not future.done():
+                failed()
+                log.warning(
+                    "tool %r still runs %g s after it started (a host-side call that blocks?): "
+                    "its slot is returned and its sandbox is retired at release",
+                    gate.key, max(timeout, bound),
+                )  # fmt: skip
+                leave()
+
+        watchdog = loop.call_later(max(timeout, bound), overran)
 
         def done(_: Any) -> None:  # the slot is held until the thread really returns
+            watchdog.cancel()
             held.idle.set()
-            gate.leave()
+            leave()
 
-        future = asyncio.get_running_loop().run_in_executor(self._calls, fn, *args)
+        future = _in_thread(fn, *args)
         future.add_done_callback(done)
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
-            gate.errors += 1
-            held.suspect = True
-            return f"tool '{gate.key}' did not return within {timeout} s; its sandbox is reset"
+            failed()
+            return (
+                f"tool '{gate.key}' did not return within {timeout:g} s and its result is "
+                "lost; later calls wait until it has stopped, and the sandbox is checked "
+                "(replaced if broken) when the trajectory ends"
+            )
         except Exception as e:  # the sandbox could not run it (isolation setup failed, ...)
-            gate.errors += 1
-            held.suspect = True
-            log.warning("tool %r failed in its sandbox: %s: %s", gate.key, type(e).__name__, e)
-            return f"tool '{gate.key}' failed in the sandbox ({type(e).__name__}: {e})"
+            failed()
+            log.warning("tool %r failed in its sandbox: %s", gate.key, _describe(e))
+            return f"tool '{gate.key}' failed in the sandbox ({_describe(e)})"
 
     # ---------------------------------------------------------------------------- health
 
     async def _healthy(self, sandbox: Sandbox) -> bool:
         self._health_checks += 1
         try:
-            return bool(await self._in_thread(self._upkeep, sandbox.healthy))
-        except Exception:
+            return bool(await self._upkeep("health check", sandbox.healthy))
+        except Exception as e:
+            log.warning("sandbox health check failed: %s", _describe(e))
             return False
 
-    async def _replace(self, sandbox: Sandbox) -> Sandbox:
-        with contextlib.suppress(Exception):
-            await self._in_thread(self._upkeep, sandbox.close)
-        fresh = await self._in_thread(self._upkeep, self._new_sandbox)
+    async def _replace(self, sandbox: Sandbox, why: str) -> Sandbox | None:
+        """Retire ``sandbox`` (closed in the background) and build a fresh one; None (and
+        one more ``missing``, built later by ``_refill``) when that fails too."""
+        log.warning("retiring sandbox %s: %s", sandbox.workdir.parent, why)
+        self._background_task(self._retire(sandbox))
         self._replaced += 1
-        log.info("replaced a broken sandbox (%d replaced so far)", self._replaced)
-        return fresh
+        if self._closed:
+            return None
+        try:
+            return await self._build()
+        except Exception as e:
+            self._missing += 1
+            log.error("could not build a sandbox to replace a retired one: %s", _describe(e))
+            return None
+
+    async def _build(self) -> Sandbox:
+        """A new sandbox, built on its own thread within ``upkeep_timeout_s``; one that is
+        built after its caller stopped waiting is closed, not leaked."""
+        building = _in_thread(self._new_sandbox)
+        try:
+            return await asyncio.wait_for(asyncio.shield(building), self.config.upkeep_timeout_s)
+        except BaseException as e:
+            building.add_done_callback(_close_orphan)
+            if isinstance(e, TimeoutError):
+                limit = self.config.upkeep_timeout_s
+                raise _Overran(
+                    f"building a sandbox took over upkeep_timeout_s={limit:g} s"
+                ) from None
+            raise
+
+    async def _retire(self, sandbox: Sandbox) -> None:
+        """Close a sandbox that is out of the pool; a close that raises or overruns is
+        logged and counted (``unclosed``), never waited for longer than the bound."""
+        try:
+            await self._upkeep("close", sandbox.close)
+        except Exception as e:
+            self._unclosed.append(sandbox)
+            log.error(
+                "sandbox %s could not be closed (%s); its files may stay on disk",
+                sandbox.workdir.parent, _describe(e),
+            )  # fmt: skip
+
+    async def _refill(self) -> None:
+        """Build the sandboxes that could not be built when theirs were retired."""
+        assert self._idle is not None
+        while self._missing > 0 and not self._closed:
+            try:
+                sandbox = await self._build()
+            except Exception as e:
+                log.error("the pool is %d sandboxes short: %s", self._missing, _describe(e))
+                return
+            self._missing -= 1
+            self._shelve(sandbox)
 
     async def check_idle(self) -> int:
         """Check every idle sandbox now and replace the broken ones; returns how many."""
@@ -469,13 +683,20 @@ class Toolbox:
         while not self._idle.empty():
             idle.append(self._idle.get_nowait())
         replaced = 0
-        for sandbox in idle:
+        for i, sandbox in enumerate(idle):
+            retired = False
             try:
-                if not await self._healthy(sandbox):
-                    sandbox = await self._replace(sandbox)
-                    replaced += 1
-            finally:
-                self._idle.put_nowait(sandbox)
+                if await self._healthy(sandbox):
+                    self._shelve(sandbox)
+                    continue
+                replaced += 1
+                retired = True  # _replace hands it to _retire before it first waits
+                self._shelve(await self._replace(sandbox, "it failed its health check while idle"))
+            except BaseException:  # cancelled mid-check: the rest go back unchecked
+                for rest in idle[i + retired :]:
+                    self._shelve(rest)
+                raise
+        await self._refill()
         return replaced
 
     async def _health_loop(self) -> None:
@@ -485,14 +706,14 @@ class Toolbox:
             try:
                 await self.check_idle()
             except Exception as e:  # a failed check must not stop later ones
-                log.warning("toolbox health check failed: %s", e)
+                log.warning("toolbox health check failed: %s", _describe(e))
 
     # ----------------------------------------------------------------------------- stats
 
     async def stats(self) -> dict[str, Any]:
         """``{"tools": {key: {calls, refusals, errors, peak_concurrency, max_qps_observed,
         running, waiting, max_concurrency, max_qps}}, "pool": {size, idle, leased, replaced,
-        health_checks, acquires}}``."""
+        missing, unclosed, health_checks, acquires}}``."""
         gates = self._started()
         assert self._idle is not None
         return {
@@ -502,36 +723,106 @@ class Toolbox:
                 "idle": self._idle.qsize(),
                 "leased": len(self._leases),
                 "replaced": self._replaced,
+                "missing": self._missing,
+                "unclosed": len(self._unclosed),
                 "health_checks": self._health_checks,
                 "acquires": self._acquires,
             },
         }
 
     async def close(self) -> None:
-        """Stop the health checks and close every sandbox (leased ones too)."""
+        """Stop the health checks and close every sandbox (leased ones too, and those being
+        retired), each close on its own thread; waits at most ``upkeep_timeout_s`` for
+        them, and a close that fails or overruns is logged (``unclosed``)."""
         if self._closed:
             return
+        self._closed = True  # from here on, a sandbox handed back is closed, not pooled
         if self._health_task is not None:
             self._health_task.cancel()
+            await asyncio.wait([self._health_task])  # it hands back what it was checking
+        # leased, idle, and retired ones whose close failed (tried again)
         sandboxes = [h.sandbox for h in self._leases.values()] + self._idle_sandboxes
-        if self._idle is not None:
-            while not self._idle.empty():
-                sandboxes.append(self._idle.get_nowait())
-        self._closed = True
+        while self._idle is not None and not self._idle.empty():
+            sandboxes.append(self._idle.get_nowait())
+        sandboxes += self._unclosed
         self._leases.clear()
-        for sandbox in sandboxes:
-            with contextlib.suppress(Exception):
-                sandbox.close()
-        self._calls.shutdown(wait=False, cancel_futures=True)
-        self._upkeep.shutdown(wait=False, cancel_futures=True)
+        self._idle_sandboxes, self._unclosed = [], []
+        closes = [_in_thread(s.close) for s in sandboxes]
+        deadline = time.monotonic() + self.config.upkeep_timeout_s
+        # releases, resets and retirements under way (those finishing now retire theirs)
+        while self._background and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(set(self._background), timeout=left)
+        if closes:
+            await asyncio.wait(closes, timeout=max(0.0, deadline - time.monotonic()))
+        for sandbox, closing in zip(sandboxes, closes, strict=True):
+            error = closing.exception() if closing.done() else _Overran("close overran")
+            if error is not None:
+                self._unclosed.append(sandbox)
+                log.error(
+                    "sandbox %s could not be closed (%s); its files may stay on disk",
+                    sandbox.workdir.parent, _describe(error),
+                )  # fmt: skip
+
+
+def _close_orphan(building: asyncio.Future) -> None:
+    if not building.cancelled() and building.exception() is None:
+        threading.Thread(target=building.result().close, daemon=True).start()
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _relative(rel: str) -> str:
+    """``rel`` as a plain relative path (no ``..``, no ``.``, not absolute), else ValueError."""
+    path = PurePosixPath(rel)
+    if not rel or path.is_absolute() or any(p in ("..", ".") for p in path.parts):
+        raise ValueError(
+            f"restore path {rel!r} must be a plain path relative to the working directory"
+        )
+    return str(path)
+
+
+_RESTORE = r"""_mopd_restore() {
+  local staged=$1 target=$2 dir p= part
+  local -a parts=()
+  dir=$(dirname -- "$target")
+  [ "$dir" = . ] || IFS=/ read -ra parts <<< "$dir"
+  for part in "${parts[@]}"; do
+    p=${p:+$p/}$part
+    if [ -L "$p" ] || { [ -e "$p" ] && [ ! -d "$p" ]; }; then rm -f -- "$p" || return; fi
+    [ -d "$p" ] || mkdir -- "$p" || return
+    chmod u+rwx -- "$p" || return
+  done
+  if [ -d "$target" ] && [ ! -L "$target" ]; then chmod -R u+rwX -- "$target" 2>/dev/null; fi
+  rm -rf -- "$target" && mv -fT -- "$staged" "$target"
+}
+"""
+"""Run inside the sandbox (as its uid) by ``_restore_and_run``: puts a staged file in place
+of whatever is at the target path, and makes every component of the path a directory.
+Nothing is opened: FIFOs, symlinks and devices are unlinked, directories (however deep,
+whatever their modes) removed."""
 
 
 def _restore_and_run(
     sandbox: Sandbox, command: str, timeout_s: float | None, files: Mapping[str, str]
 ) -> ExecResult:
-    for rel, text in files.items():
-        sandbox.write_text(rel, text)
-    return sandbox.run(command, timeout_s)
+    """Stage ``files`` host-side under a new, unguessable directory (nothing the sandbox
+    made is at those paths, so nothing there can block), then, in one sandboxed command,
+    move them into place (``_RESTORE``) and run ``command``."""
+    if not files:
+        return sandbox.run(command, timeout_s)
+    stage = f".mopd-restore-{uuid.uuid4().hex}"
+    moves = []
+    for i, (rel, text) in enumerate(files.items()):
+        sandbox.write_text(f"{stage}/{i}", text)
+        moves.append(f"_mopd_restore {shlex.quote(f'{stage}/{i}')} {shlex.quote(rel)}")
+    script = (
+        f"{_RESTORE}{' && '.join(moves)} || "
+        "{ echo 'mopd: the protected files could not be restored' >&2; exit 97; }\n"
+        f"rm -rf -- {shlex.quote(stage)}\n{command}"
+    )
+    return sandbox.run(script, timeout_s)
 
 
 def _spec_name(spec: Mapping[str, Any]) -> str:
