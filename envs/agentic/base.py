@@ -39,12 +39,15 @@ class AgenticTask:
     answer: str | None = None
     """Reference answer of a question task (compared with the ``finish`` answer)."""
     test_command: str | None = None
-    """Command whose exit code 0 means the task is solved (code repair)."""
+    """The command the instruction tells the model to run its tests with (code repair). The
+    reward does not run it: it runs the protected test modules itself and judges their
+    results (``envs.agentic.code_repair``)."""
     protected: tuple[str, ...] = ()
-    """Files (relative to ``files``) restored before ``test_command`` runs, so that edits the
-    model made to them (the tests themselves) cannot change the verdict."""
+    """Files (relative to ``files``) restored as shipped before the reward's test run, so
+    that edits the model made to them (the tests themselves) cannot change the verdict; its
+    ``test*.py`` files are the test modules that run."""
     check_timeout_s: float = 60.0
-    """Wall-time limit of ``test_command``."""
+    """Wall-time limit of the reward's test run."""
     reference: Mapping[str, Any] = field(default_factory=dict)
     """Known solutions and non-solutions, for tests that prove the task is solvable:
     ``reference_fix`` / ``decoy_fix`` (lists of ``{path, old, new}`` str_replace edits) or

@@ -7,8 +7,10 @@ Layout (``envs/tasks/`` ships examples)::
     <env tasks dir>/<task_id>/files/       # tool use: the files the question is about
 
 ``task.json`` fields: ``id`` (must equal the directory name), ``instruction``; for code repair
-``test_command`` and ``protected`` (paths under ``repo/``, usually the tests), optional
-``check_timeout_s``, and ``reference_fix`` / ``decoy_fix``; for tool use ``answer`` and
+``test_command`` (the command the instruction names) and ``protected`` (paths under
+``repo/``: the tests, restored before the reward; its ``test*.py`` files are the unittest
+modules the reward runs, at least one), optional ``check_timeout_s``, and ``reference_fix``
+/ ``decoy_fix``; for tool use ``answer`` and
 ``reference_command``. A malformed task fails at load time naming the file and the field.
 
 ``TaskSet`` holds the loaded tasks of one environment; the environments of ``envs.agentic``
@@ -18,7 +20,7 @@ subclass it and add their ``reward``.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from envs.agentic.base import AgenticTask
@@ -48,6 +50,25 @@ def _edits(raw: Any, where: str) -> list[dict[str, str]]:
     return [{k: str(e[k]) for k in ("path", "old", "new")} for e in raw]
 
 
+def _check_test_modules(spec_path: Path, protected: tuple[str, ...]) -> None:
+    """The reward runs the protected ``test*.py`` files as unittest modules: there must be
+    one, and each must be importable by a module name."""
+    tests = [PurePosixPath(r) for r in protected if PurePosixPath(r).name.startswith("test")]
+    tests = [t for t in tests if t.suffix == ".py"]
+    if not tests:
+        raise TaskError(
+            f"{spec_path}: 'protected' names no test module (test*.py); the reward runs exactly "
+            "the protected test modules, so list the task's unittest files there"
+        )
+    for path in tests:
+        parts = path.with_suffix("").parts
+        if path.is_absolute() or not all(p.isidentifier() for p in parts):
+            raise TaskError(
+                f"{spec_path}: protected test {str(path)!r} is not importable as a module "
+                "(a relative path of Python identifiers)"
+            )
+
+
 def _load_one(env: str, task_dir: Path) -> AgenticTask:
     spec_path = task_dir / "task.json"
     try:
@@ -68,6 +89,8 @@ def _load_one(env: str, task_dir: Path) -> AgenticTask:
     for rel in protected:
         if not (files / rel).is_file():
             raise TaskError(f"{spec_path}: protected file {rel!r} is not under {files}")
+    if env == "code_repair":
+        _check_test_modules(spec_path, protected)
     reference: dict[str, Any] = {}
     for key in _REFERENCE_KEYS:
         if key in spec:
