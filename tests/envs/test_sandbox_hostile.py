@@ -282,27 +282,30 @@ def _deep(name: str) -> str:
 def test_a_deep_tree_breaks_nothing_and_leaves_nothing(task, tmp_path, name):
     base = tmp_path / "sandboxes"
     sb = Sandbox(task, LIMITS, base_dir=base)
-    (sandbox_dir,) = base.iterdir()
-    made = sb.run(_deep(name))
-    assert made.exit_code == 0 and made.limit_hit is None, made
-    assert int(made.output) > 1500 * (len(name) + 1)
-    counted = sb.last_disk_usage  # the check after the call saw all of it
-    assert counted.complete and counted.inodes == 1 + 1500 + 1  # test_calc.py, dirs, leaf
-    listed, error, _ = _bounded(sb.run, "ls")
-    assert error is None and listed.output == f"{name}\ntest_calc.py\n", error
-    assert listed.limit_hit is None and sb.last_disk_usage == counted
-    assert _bounded(sb.healthy)[:2] == (True, None)
-    _, error, elapsed = _bounded(sb.reset, task)
-    assert error is None and elapsed < PROMPT_S, error
-    assert os.listdir(sb.workdir) == ["test_calc.py"]
-    assert sb.run(_deep(name)).exit_code == 0  # deep again, then close
-    assert sb.disk_usage() == counted
-    uid = sb.uid
-    assert _uid_lock_held(uid)
-    _, error, _ = _bounded(sb.close)
-    assert error is None, error
-    assert not sandbox_dir.exists() and list(base.iterdir()) == []
-    assert not _uid_lock_held(uid)
+    try:
+        (sandbox_dir,) = base.iterdir()
+        made = sb.run(_deep(name))
+        assert made.exit_code == 0 and made.limit_hit is None, made
+        assert int(made.output) > 1500 * (len(name) + 1)
+        counted = sb.last_disk_usage  # the check after the call saw all of it
+        assert counted.complete and counted.inodes == 1 + 1500 + 1  # test_calc.py, dirs, leaf
+        listed, error, _ = _bounded(sb.run, "ls")
+        assert error is None and listed.output == f"{name}\ntest_calc.py\n", error
+        assert listed.limit_hit is None and sb.last_disk_usage == counted
+        assert _bounded(sb.healthy)[:2] == (True, None)
+        _, error, elapsed = _bounded(sb.reset, task)
+        assert error is None and elapsed < PROMPT_S, error
+        assert os.listdir(sb.workdir) == ["test_calc.py"]
+        assert sb.run(_deep(name)).exit_code == 0  # deep again, then close
+        assert sb.disk_usage() == counted
+        uid = sb.uid
+        assert _uid_lock_held(uid)
+        _, error, _ = _bounded(sb.close)
+        assert error is None, error
+        assert not sandbox_dir.exists() and list(base.iterdir()) == []
+        assert not _uid_lock_held(uid)
+    finally:
+        sb.close()  # a failed assertion must not leave a deep tree behind
 
 
 def test_max_inodes_is_validated():
