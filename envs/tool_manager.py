@@ -22,7 +22,8 @@ For a prompt that names an agentic task (``Prompt.metadata["agentic"] = {"env", 
    trajectory always ends with a generated turn (an observation nobody will read is dropped).
 5. **reward**, at once: the environment's ``reward`` in the same sandbox (code repair: the
    task's tests; tool use: the ``finish`` answer), bounded by ``reward_timeout_s`` (0 if it
-   overruns or fails); then the lease is released and the session closed.
+   overruns or fails); then the lease is released (waited for at most ``release_timeout_s``)
+   and the session closed.
 
 The sample: ``response_ids_T`` all tokens after the prompt; ``loss_mask_T`` 1 on generated
 tokens, 0 on observation (and template glue) tokens; ``logp_rollout_T`` the engine's
@@ -210,6 +211,9 @@ class ToolManagerConfig:
     """Wall time of one tool call (queueing included); past it the model sees a timeout."""
     reward_timeout_s: float = 300.0
     """Wall time of the environment's reward; past it the reward is 0."""
+    release_timeout_s: float = 300.0
+    """How long the end of a trajectory waits for the Toolbox to take its sandbox back (the
+    Toolbox bounds it too); past it the sample is returned anyway."""
     temperature: float = 1.0
     top_p: float | None = None
     top_k: int | None = None
@@ -227,7 +231,7 @@ class ToolManagerConfig:
             raise ValueError(
                 f"on_no_tool_call must be 'nudge' or 'end', got {self.on_no_tool_call!r}"
             )
-        for name in ("turn_timeout_s", "tool_timeout_s", "reward_timeout_s"):
+        for name in ("turn_timeout_s", "tool_timeout_s", "reward_timeout_s", "release_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ToolManagerConfig.{name} must be > 0")
 
@@ -295,7 +299,8 @@ class ToolManager:
     def metrics(self) -> dict[str, float]:
         """Counters since start: ``agent/trajectories``, ``agent/turns``, ``agent/tool_calls``,
         ``agent/tool_errors``, ``agent/parse_errors``, ``agent/turn_timeouts``,
-        ``agent/tool_timeouts``, ``agent/reward_failures``, ``agent/finish/<reason>``."""
+        ``agent/tool_timeouts``, ``agent/reward_failures``, ``agent/release_timeouts``,
+        ``agent/release_failures``, ``agent/finish/<reason>``."""
         return {f"agent/{k}": float(v) for k, v in sorted(self.counts.items())}
 
     def _task(self, prompt: Prompt):
@@ -333,8 +338,7 @@ class ToolManager:
                     await self.backend.close_session(sid)
             reward = await self._reward(env, task, lease, answer) if scored else 0.0
         finally:
-            with contextlib.suppress(Exception):  # the Toolbox checks the sandbox at release
-                await toolbox_call(self.toolbox, "release", lease)
+            await self._release(lease)
         self.counts[f"finish/{reason}"] += 1
         routes = np.concatenate(tr.routes) if tr.routes and tr.ids else None
         return RolloutSample(
@@ -349,6 +353,19 @@ class ToolManager:
             loss_mask_T=np.asarray(tr.mask, dtype=np.uint8),
             reward=reward,
         )
+
+    async def _release(self, lease: str) -> None:
+        """Hand the sandbox back, waiting at most ``release_timeout_s``: the sample does not
+        depend on it, and the Toolbox finishes recycling the sandbox on its own."""
+        timeout = self.config.release_timeout_s
+        try:
+            await asyncio.wait_for(toolbox_call(self.toolbox, "release", lease), timeout)
+        except TimeoutError:
+            self.counts["release_timeouts"] += 1
+            log.warning("releasing sandbox lease %s took over %g s; not waiting", lease, timeout)
+        except Exception as e:  # the Toolbox checks and replaces the sandbox on its own
+            self.counts["release_failures"] += 1
+            log.warning("releasing sandbox lease %s failed: %s: %s", lease, type(e).__name__, e)
 
     def _request(
         self, new_ids: Sequence[int], budget: int, rows: int, sid: str, parent: str | None, rid: str

@@ -365,3 +365,45 @@ def test_chat_template_segments_equal_the_rendered_conversation(ckpt):
     assert tokenizer.decode(
         plain.observation_ids([5], ["<tool_response>\nx\n</tool_response>"])
     ) == ("\n<|tool|>\n<tool_response>\nx\n</tool_response>\n<|assistant|>\n")
+
+
+class StuckRelease(Toolbox):
+    """A real Toolbox whose ``release`` never returns (until the test ends): what the end of
+    a trajectory must not wait on without a bound."""
+
+    unblock: asyncio.Event | None = None
+
+    async def release(self, lease):
+        assert self.unblock is not None
+        await self.unblock.wait()
+        await super().release(lease)
+
+
+def test_a_release_that_never_returns_does_not_hold_the_trajectory(ckpt, server):
+    url, _ = server
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    env = CodeRepairEnv()
+    task = env.task("slugify_case")
+    scripts = {"done": [_call("finish", answer="done")]}
+
+    async def main():
+        box = StuckRelease(ToolboxConfig(pool_size=1, health_interval_s=None))
+        box.unblock = asyncio.Event()
+        try:
+            async with EngineClient(url, routed_experts_shape=(4, 2)) as client:
+                tools = ToolManager(
+                    Scripted(client, tokenizer, scripts), box, tokenizer,
+                    ToolManagerConfig(max_turns=2, max_tokens_per_turn=4, release_timeout_s=0.5),
+                    layout=moe_layout(ckpt), envs={"code_repair": env},
+                )  # fmt: skip
+                t0 = time.monotonic()
+                sample = await asyncio.wait_for(tools.run(_prompt(task.task_id), "done"), 60)
+                return sample, time.monotonic() - t0, tools.metrics()
+        finally:
+            box.unblock.set()
+            await box.close()
+
+    sample, took, metrics = asyncio.run(main())
+    assert (sample.finish_reason, sample.reward) == ("stop", 0.0)  # unfixed: the tests fail
+    assert took < 30.0
+    assert metrics["agent/release_timeouts"] == 1 and metrics["agent/trajectories"] == 1
