@@ -226,11 +226,21 @@ def _limit_note(result: ExecResult, sandbox: Sandbox) -> str | None:
         "memory": f"[memory limit {_size(lim.memory_bytes)} reached]",
         "processes": f"[process limit {lim.max_processes} reached: fork failed]",
         "file_size": f"[file-size limit {_size(lim.max_file_bytes)} exceeded]",
-        "disk": (
-            f"[disk limit {_size(lim.max_disk_bytes)} exceeded by the working directory; "
-            "delete files]"
-        ),
+        "disk": _disk_note(sandbox),
     }.get(result.limit_hit or "")
+
+
+def _disk_note(sandbox: Sandbox) -> str:
+    lim, usage = sandbox.limits, sandbox.last_disk_usage
+    held = ""
+    if usage is not None:
+        least = "" if usage.complete else "at least "
+        held = f" held {least}{usage.inodes} entries, {_size(usage.bytes)},"
+    return (
+        f"[disk limit exceeded: the working directory{held} over its limits of "
+        f"{lim.max_inodes} entries (files and directories) and {_size(lim.max_disk_bytes)}; "
+        "it has been emptied]"
+    )
 
 
 def _bash(sandbox: Sandbox, command: str) -> Observation:

@@ -5,6 +5,7 @@ confinement, bash observations that say which limit was hit, finish."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,16 @@ def test_parse_then_run_round_trip(sandbox):
     observations = [run_tool(sandbox, call) for call in parse_tool_calls(message).calls]
     assert observations[0].text == "3\n[exit code 0]"
     assert observations[1].finished
+
+
+@needs_root
+def test_a_workdir_over_the_disk_limit_is_reported_with_its_figures(tmp_path):
+    limits = SandboxLimits(wall_seconds=5, cpu_seconds=5, max_inodes=100, max_disk_bytes=8 << 20)
+    with Sandbox(None, limits, base_dir=tmp_path / "sb") as sb:
+        flood = _run(sb, "bash", command="mkdir d && for i in $(seq 150); do : > d/f$i; done")
+        after = _run(sb, "bash", command="ls | wc -l")
+    assert flood.is_error
+    assert re.search(r"the working directory held (at least )?1[0-5]\d entries", flood.text)
+    assert "limits of 100 entries (files and directories) and 8.0 MiB" in flood.text
+    assert "it has been emptied" in flood.text
+    assert after.text == "0\n[exit code 0]"
