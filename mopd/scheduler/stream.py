@@ -15,6 +15,11 @@ Exactly-once into training, across crashes of producers and consumers:
   ``commit`` again on resume (it is idempotent).
 - ``reclaim`` takes over the pending entries of a consumer that died for good (XAUTOCLAIM).
 
+Every operation may be re-sent by a client that reconnects after a Redis restart, and each one
+is safe to repeat: publish and commit are idempotent, and a read whose reply was lost (the
+entries became pending at this consumer but never reached it) is noticed by the next ``read``
+(this consumer's pending count exceeds what it was handed) and handed out then.
+
 Keys are namespaced per run (``mopd:{namespace}:...``) so runs sharing a Redis never mix.
 """
 
@@ -61,7 +66,9 @@ class TrainingStream:
         self.trained_key = f"{self.prefix}:trained"
         self.dead_key = f"{self.prefix}:undecodable"
         self.dropped_key = f"{self.prefix}:dropped"
-        self._publish = self.r.register_script(_PUBLISH_ONCE)
+        # Entry ids handed to each consumer and not yet committed or discarded: its share of
+        # the group's pending list, as far as this object knows.
+        self._handed: dict[str, set[str]] = {}
         try:
             self.r.xgroup_create(self.stream_key, self.GROUP, id="0", mkstream=True)
         except redis.ResponseError as e:
@@ -74,10 +81,10 @@ class TrainingStream:
         pipe = self.r.pipeline(transaction=False)
         n = 0
         for s in samples:
-            self._publish(
-                keys=[self.stream_key, self.published_key],
-                args=[s.sample.sample_id, encode(s)],
-                client=pipe,
+            # EVAL, not EVALSHA: a restarted Redis has an empty script cache, and a pipeline
+            # re-sent after a reconnect would fail with NOSCRIPT.
+            pipe.eval(
+                _PUBLISH_ONCE, 2, self.stream_key, self.published_key, s.sample.sample_id, encode(s)
             )
             n += 1
         if n == 0:
@@ -86,25 +93,59 @@ class TrainingStream:
 
     # -- consumer -----------------------------------------------------------------
     def read(self, consumer: str, count: int, block_ms: int | None = None) -> list[Delivery]:
-        """Up to ``count`` samples never delivered before (blocks up to ``block_ms``)."""
+        """Up to ``count`` samples never delivered before (blocks up to ``block_ms``), after
+        any this consumer was delivered but never handed (a reply lost to a reconnect)."""
+        orphans = self._orphans(consumer)
+        if orphans:
+            return orphans
         return self._read(consumer, ">", count, block_ms)
 
-    def recover(self, consumer: str, count: int = 10_000) -> list[Delivery]:
-        """This consumer's pending samples: delivered before a restart, never committed.
+    def _orphans(self, consumer: str) -> list[Delivery]:
+        """Entries pending at ``consumer`` that it was never handed: the reply of a read that
+        Redis executed (and persisted) lost in a restart, its client then reading again."""
+        summary = self.r.xpending(self.stream_key, self.GROUP)
+        pending = {_str(c["name"]): int(c["pending"]) for c in summary.get("consumers") or []}
+        handed = self._handed.setdefault(consumer, set())
+        if pending.get(consumer, 0) <= len(handed):
+            return []
+        resp = self.r.xreadgroup(self.GROUP, consumer, {self.stream_key: "0"}, count=None)
+        entries = [(e, f) for e, f in (resp[0][1] if resp else []) if _str(e) not in handed]
+        return self._deliveries(entries, consumer)
+
+    def recover(self, consumer: str, count: int | None = None) -> list[Delivery]:
+        """This consumer's pending samples (all of them, or the first ``count``): delivered
+        before a restart, never committed.
 
         Call once at (re)start, after ``commit_ids`` has replayed the last checkpoint's
         commit: what remains was not part of any committed step and must train again.
         """
-        return self._read(consumer, "0", count, None)
+        out: list[Delivery] = []
+        start = "0"
+        while count is None or len(out) < count:
+            page = 1000 if count is None else min(1000, count - len(out))
+            resp = self.r.xreadgroup(self.GROUP, consumer, {self.stream_key: start}, count=page)
+            entries = resp[0][1] if resp else []
+            if not entries:
+                break
+            out += self._deliveries(entries, consumer)
+            start = _str(entries[-1][0])  # the history goes on after the last entry seen
+        return out
+
+    def mark_trained(self, sample_ids: Sequence[str], chunk: int = 10_000) -> None:
+        """Record samples as trained (idempotent): the committed steps of the run's audit log,
+        replayed on recovery so that a Redis which lost writes it acknowledged (one without
+        ``appendfsync always``) cannot have them trained again."""
+        for i in range(0, len(sample_ids), chunk):
+            self.r.sadd(self.trained_key, *sample_ids[i : i + chunk])
 
     def _read(self, consumer: str, start: str, count: int, block_ms: int | None) -> list[Delivery]:
         resp = self.r.xreadgroup(
             self.GROUP, consumer, {self.stream_key: start}, count=count, block=block_ms
         )
         entries = resp[0][1] if resp else []
-        return self._deliveries(entries)
+        return self._deliveries(entries, consumer)
 
-    def _deliveries(self, entries: Sequence) -> list[Delivery]:
+    def _deliveries(self, entries: Sequence, consumer: str) -> list[Delivery]:
         out: list[Delivery] = []
         stale: list[str] = []
         live = [(e, f) for e, f in entries if f]
@@ -126,7 +167,16 @@ class TrainingStream:
             out.append(Delivery(eid, sample))
         if stale:
             self.r.xack(self.stream_key, self.GROUP, *stale)
+        got = {d.entry_id for d in out}
+        for name, handed in self._handed.items():  # entries claimed from another consumer
+            if name != consumer:
+                handed.difference_update(got)
+        self._handed.setdefault(consumer, set()).update(got)
         return out
+
+    def _settled(self, entry_ids: Sequence[str]) -> None:
+        for handed in self._handed.values():
+            handed.difference_update(entry_ids)
 
     def commit(self, deliveries: Sequence[Delivery]) -> None:
         """Mark samples trained and acknowledge them (after their step's checkpoint)."""
@@ -142,6 +192,7 @@ class TrainingStream:
         pipe.sadd(self.trained_key, *sample_ids)
         pipe.xack(self.stream_key, self.GROUP, *entry_ids)
         pipe.execute()
+        self._settled(entry_ids)
 
     def discard_ids(self, entry_ids: Sequence[str], sample_ids: Sequence[str]) -> None:
         """Acknowledge samples that will never train (too stale), keeping their ids for audit.
@@ -154,6 +205,7 @@ class TrainingStream:
         pipe.sadd(self.dropped_key, *sample_ids)
         pipe.xack(self.stream_key, self.GROUP, *entry_ids)
         pipe.execute()
+        self._settled(entry_ids)
 
     def reclaim(self, consumer: str, min_idle_ms: int, count: int = 100) -> list[Delivery]:
         """Take over entries pending longer than ``min_idle_ms`` at other consumers."""
@@ -168,7 +220,7 @@ class TrainingStream:
                 start_id=start,
                 count=count - len(out),
             )
-            out += self._deliveries(entries)
+            out += self._deliveries(entries, consumer)
             start = _str(next_start)
             if start == "0-0":
                 break
