@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from mopd.algo.stages import stage_for
 from mopd.config import RunConfig
 from mopd.packing import pack_micro_batches
@@ -120,6 +122,8 @@ class Driver:
         try:
             await self.checkpoints.restore(resume=self.resume)
             return await self.loop()
+        except (redis.ConnectionError, redis.TimeoutError) as e:  # past the client's retries
+            raise self.services.redis_lost(e) from None
         finally:
             await self.aclose()
 

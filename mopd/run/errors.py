@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-__all__ = ["RunError", "TrainerDied"]
+__all__ = ["RedisUnavailable", "RunError", "TrainerDied"]
 
 
 class RunError(RuntimeError):
     """The run cannot go on; the message says why and what to do."""
+
+
+class RedisUnavailable(RunError):
+    """The training stream's Redis went away mid-run (and, for the embedded one, could not be
+    restarted); the message names it, says that nothing acknowledged was lost and how to
+    resume."""
 
 
 class TrainerDied(RuntimeError):

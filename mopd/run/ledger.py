@@ -75,10 +75,16 @@ class StreamLedger:
         self.stream.commit_ids(commit["entries"], commit["samples"])
         self.stream.discard_ids(drop["entries"], drop["samples"])
         self.uncommitted, self.undropped = [], []
+        _truncate_log(self.audit_log, self.state.step)
+        # Every committed step, not only the last: a Redis that lost acknowledged writes
+        # (an external one without appendfsync always, killed) forgets older commits too,
+        # and their samples, pending again, would otherwise train twice.
+        self.stream.mark_trained(
+            [sid for record in read_audit_log(self.audit_log) for sid in record["samples"]]
+        )
         recovered = self.stream.recover(CONSUMER)
         self._recovered_ids = {_sample_id(d) for d in recovered}
         self.waiting = self.clamp_versions(recovered)
-        _truncate_log(self.audit_log, self.state.step)
         return len(self.waiting)
 
     def clamp_versions(self, deliveries: list[Delivery]) -> list[Delivery]:

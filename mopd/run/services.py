@@ -1,7 +1,9 @@
 """The run's services: everything that is started before the loop and stopped after it.
 
 ``Services.start`` brings up, in this order: tracking (MLflow, or nothing), the Redis queue
-(embedded unless ``scheduler.redis_url``), Ray, the models (paths or MLflow registry URIs),
+(embedded unless ``scheduler.redis_url``; the embedded one is restarted on its append-only file
+if it dies, an external one that goes away ends the run with ``RedisUnavailable``), Ray (a
+local one bound to ``cluster.bind_host``), the models (paths or MLflow registry URIs),
 the reward worker, the trainer actor, the rollout servers, the agentic Toolbox and Tool
 Manager (when a source is agentic) and the teacher servers with their scorers. Everything it
 starts is stopped by ``aclose`` (async servers and clients) and ``close`` (the rest, in
@@ -15,17 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import redis
 
 from mopd.config import RunConfig, save_resolved
 from mopd.config.schema import RolloutConfig, TeacherConfig
 from mopd.io import write_json_atomic
 from mopd.models.moe import MoELayout, moe_layout
-from mopd.scheduler.redis_server import EmbeddedRedis, connect
+from mopd.scheduler.redis_server import EmbeddedRedis, connect, redacted
 from mopd.scheduler.stream import TrainingStream
 from mopd.tracking import (
     MLflowTracker,
@@ -36,7 +43,7 @@ from mopd.tracking import (
     resolve_model,
 )
 
-from .errors import RunError
+from .errors import RedisUnavailable, RunError
 from .state import RunPaths
 
 if TYPE_CHECKING:  # the rollout package is imported when the servers start
@@ -76,6 +83,8 @@ class Services:
         self.teachers: dict[str, Any] = {}  # teacher name -> TeacherScorer
         self.agents: Any = None  # the ToolManager when a data source is agentic
         self.layout: MoELayout | None = None
+        self._processes: dict[str, Any] = {}  # the last logs/processes.json
+        self._processes_lock = threading.Lock()
 
     # ------------------------------------------------------------------ start-up
     def start_tracking(self, parent_run_id: str | None) -> None:
@@ -98,10 +107,55 @@ class Services:
         """The Redis training stream (an embedded Redis in the run folder by default)."""
         redis_url = self.cfg.scheduler.redis_url
         if redis_url is None:
-            self.embedded_redis = self.stack.enter_context(EmbeddedRedis(self.paths.redis))
-            redis_url = self.embedded_redis.url
-        self.redis = connect(redis_url, self.cfg.scheduler.redis_password_env)
-        return TrainingStream(self.redis, self.cfg.run.name)
+            self.embedded_redis = self.stack.enter_context(
+                EmbeddedRedis(self.paths.redis, on_restart=self._redis_restarted)
+            )
+            self.redis = self.embedded_redis.client()
+        else:
+            self.redis = connect(redis_url, self.cfg.scheduler.redis_password_env)
+        try:
+            stream = TrainingStream(self.redis, self.cfg.run.name)
+        except redis.ConnectionError as e:  # an authentication error included
+            raise RunError(
+                f"scheduler.redis_url: cannot use the Redis at {self.redis_name}: {e}; check "
+                "that it runs, the URL, and the password in "
+                f"${self.cfg.scheduler.redis_password_env}"
+            ) from None
+        if redis_url is not None:
+            _warn_if_not_durable(self.redis, self.redis_name)
+        return stream
+
+    @property
+    def redis_name(self) -> str:
+        """The training stream's Redis, for messages (never its password)."""
+        if self.embedded_redis is not None:
+            return f"the embedded Redis ({self.embedded_redis.url}, pid {self.embedded_redis.pid})"
+        return redacted(self.cfg.scheduler.redis_url or "")
+
+    def redis_lost(self, error: Exception) -> RedisUnavailable:
+        """The error that ends a run whose Redis went away (the embedded one: after its
+        restart failed): what it was, that nothing acknowledged is lost, how to go on."""
+        embedded = self.embedded_redis
+        if embedded is not None:
+            what = (
+                f"{self.redis_name} died and could not be restarted "
+                f"({embedded.failure or error}; its log: {self.paths.redis / 'redis.log'})"
+            )
+        else:
+            what = f"lost the connection to the Redis at {self.redis_name} ({error})"
+        return RedisUnavailable(
+            f"the training stream {what}. Nothing acknowledged was lost: a sample is "
+            "acknowledged only once a committed checkpoint holds the step that trained it, "
+            "and every other one is delivered again. Once the Redis is back, continue the run "
+            f"with `mopd train <config> --resume` (run.output_dir {self.paths.root})."
+        )
+
+    def _redis_restarted(self, pid: int) -> None:
+        log.warning("the embedded Redis was restarted (pid %d); the run goes on", pid)
+        with self._processes_lock:
+            if self._processes:
+                self._processes["redis"] = pid
+                write_json_atomic(self.paths.logs / "processes.json", self._processes)
 
     def start_ray(self) -> None:
         import ray
@@ -110,15 +164,16 @@ class Services:
         if ray.is_initialized():
             return
         if c.address is None and "RAY_ADDRESS" not in os.environ:
-            ray.init(
-                address="local",
-                num_cpus=c.num_cpus,
-                num_gpus=c.num_gpus,
-                include_dashboard=False,
-                _node_ip_address=c.bind_host,
-                log_to_driver=True,
-                configure_logging=False,
-            )
+            with _ray_node_ip(c.bind_host):
+                ray.init(
+                    address="local",
+                    num_cpus=c.num_cpus,
+                    num_gpus=c.num_gpus,
+                    include_dashboard=False,
+                    _node_ip_address=c.bind_host,
+                    log_to_driver=True,
+                    configure_logging=False,
+                )
         elif "RAY_ADDRESS" in os.environ:
             ray.init()  # inside a Ray job (mopd submit): RAY_ADDRESS names the cluster
         elif c.address.startswith(("http://", "https://")):
@@ -330,9 +385,11 @@ class Services:
                 name: ray.get([w.server_pid.remote() for w in svc.workers])
                 for name, svc in self.teacher_services.items()
             },
-            "redis": self.embedded_redis.pid if self.embedded_redis else None,
         }
-        write_json_atomic(self.paths.logs / "processes.json", state)
+        with self._processes_lock:  # the Redis pid changes when it is restarted
+            state["redis"] = self.embedded_redis.pid if self.embedded_redis else None
+            self._processes = state
+            write_json_atomic(self.paths.logs / "processes.json", state)
 
     # ------------------------------------------------------------------ shutdown
     async def aclose(self) -> None:
@@ -349,6 +406,60 @@ class Services:
         """End the tracking run with ``status`` and stop the rest (Ray, Redis, rewards)."""
         self.tracker.end(status)
         self.stack.close()
+
+
+_RAY_CLUSTERS_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _ray_node_ip(bind_host: str) -> Iterator[None]:
+    """Around ``ray.init`` of a local Ray: make ``_node_ip_address`` a loopback address stick.
+
+    Ray turns a loopback ``_node_ip_address`` into the machine's external address unless
+    multi-node clusters are off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read when Ray is
+    imported); with the node on 127.0.0.1 its GCS, raylet, object manager, agents and workers
+    listen on loopback only and advertise it. The variable is set for the processes Ray
+    starts and, when Ray was imported before, its module constant for this call; both are
+    restored afterwards. A non-loopback ``bind_host`` is passed through unchanged.
+    """
+    try:
+        loopback = bind_host == "localhost" or ipaddress.ip_address(bind_host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        yield
+        return
+    from ray._private import ray_constants
+
+    env, constant = os.environ.get(_RAY_CLUSTERS_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_RAY_CLUSTERS_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = constant
+        if env is None:
+            os.environ.pop(_RAY_CLUSTERS_ENV, None)
+        else:
+            os.environ[_RAY_CLUSTERS_ENV] = env
+
+
+def _warn_if_not_durable(client: redis.Redis, name: str) -> None:
+    """A warning when an external Redis can lose writes it acknowledged (then a kill -9 of it
+    can lose published samples and commits); silent when CONFIG is not allowed."""
+    try:
+        aof = client.config_get("appendonly").get("appendonly")
+        fsync = client.config_get("appendfsync").get("appendfsync")
+    except redis.RedisError:
+        return
+    if aof != "yes" or fsync != "always":
+        log.warning(
+            "the Redis at %s runs with appendonly=%s appendfsync=%s: a crash of it can lose "
+            "samples it acknowledged; set appendonly yes and appendfsync always",
+            name,
+            aof,
+            fsync,
+        )
 
 
 def _has_gpu() -> bool:
