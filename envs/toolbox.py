@@ -341,6 +341,7 @@ class Toolbox:
         self._background: set[asyncio.Task] = set()  # retirements and releases in progress
         self._unclosed: list[Sandbox] = []  # retired sandboxes whose close failed
         self._replaced = self._health_checks = self._acquires = self._missing = 0
+        self._checking = 0  # idle sandboxes out of the queue for a health check
         self._closed = False
 
     # ----------------------------------------------------------------------------- setup
@@ -676,26 +677,28 @@ class Toolbox:
             self._shelve(sandbox)
 
     async def check_idle(self) -> int:
-        """Check every idle sandbox now and replace the broken ones; returns how many."""
+        """Check every idle sandbox now, one at a time (the others stay available), and
+        replace the broken ones; returns how many."""
         self._started()
         assert self._idle is not None
-        idle = []
-        while not self._idle.empty():
-            idle.append(self._idle.get_nowait())
         replaced = 0
-        for i, sandbox in enumerate(idle):
-            retired = False
+        for _ in range(self._idle.qsize()):
+            if self._idle.empty():
+                break
+            sandbox = self._idle.get_nowait()
+            self._checking += 1
             try:
-                if await self._healthy(sandbox):
-                    self._shelve(sandbox)
-                    continue
-                replaced += 1
-                retired = True  # _replace hands it to _retire before it first waits
-                self._shelve(await self._replace(sandbox, "it failed its health check while idle"))
-            except BaseException:  # cancelled mid-check: the rest go back unchecked
-                for rest in idle[i + retired :]:
-                    self._shelve(rest)
+                healthy = await self._healthy(sandbox)
+            except BaseException:  # cancelled mid-check: it goes back unchecked
+                self._shelve(sandbox)
                 raise
+            finally:
+                self._checking -= 1
+            if healthy:
+                self._shelve(sandbox)
+                continue
+            replaced += 1
+            self._shelve(await self._replace(sandbox, "it failed its health check while idle"))
         await self._refill()
         return replaced
 
@@ -713,14 +716,15 @@ class Toolbox:
     async def stats(self) -> dict[str, Any]:
         """``{"tools": {key: {calls, refusals, errors, peak_concurrency, max_qps_observed,
         running, waiting, max_concurrency, max_qps}}, "pool": {size, idle, leased, replaced,
-        missing, unclosed, health_checks, acquires}}``."""
+        missing, unclosed, health_checks, acquires}}``; ``idle`` counts the idle sandboxes
+        whose health is being checked too."""
         gates = self._started()
         assert self._idle is not None
         return {
             "tools": {k: g.stats() for k, g in sorted(gates.items())},
             "pool": {
                 "size": self.config.pool_size,
-                "idle": self._idle.qsize(),
+                "idle": self._idle.qsize() + self._checking,
                 "leased": len(self._leases),
                 "replaced": self._replaced,
                 "missing": self._missing,
