@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mopd.run.ledger import StreamLedger, read_audit_log
 from mopd.run.state import RunState
+from mopd.scheduler.codec import encode
 from mopd.scheduler.stream import TrainingStream
 from tests.scheduler.test_codec import scored
 from tests.scheduler.test_scheduler import make, sum_source
@@ -56,10 +57,17 @@ def test_recovery_never_retrains_a_committed_step_the_redis_forgot(
 def test_recover_returns_every_pending_sample_not_only_the_first_ten_thousand(rclient, namespace):
     stream = TrainingStream(rclient, namespace)
     n = 10_050
-    for start in range(0, n, 2_000):
-        stream.publish([scored(f"p{i}", t=1) for i in range(start, min(n, start + 2_000))])
-    assert len(stream.read("trainer", count=n)) == n  # all delivered, then the trainer died
+    payload = encode(scored("p", t=1))  # the same bytes under every id: only ids matter here
+    pipe = rclient.pipeline(transaction=False)
+    for i in range(n):
+        pipe.xadd(stream.stream_key, {"id": f"p{i}", "data": payload})
+    pipe.execute()
+    # All delivered, then the trainer died.
+    rclient.xreadgroup(stream.GROUP, "trainer", {stream.stream_key: ">"}, count=n)
     restarted = TrainingStream(rclient, namespace)
-    recovered = restarted.recover("trainer")
-    assert len(recovered) == n and len(set(_ids(recovered))) == n
     assert len(restarted.recover("trainer", count=25)) == 25
+    recovered = restarted.recover("trainer")
+    assert len(recovered) == n
+    assert {d.entry_id for d in recovered} == {
+        e.decode() for e, _ in rclient.xrange(stream.stream_key, count=n + 1)
+    }
