@@ -3,6 +3,7 @@ in sandboxes, rewards set by the environment, observation tokens masked out of t
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,10 @@ from mopd.models.tiny import build_tiny_checkpoint
 from mopd.run import train, trained_sample_ids
 
 pytestmark = pytest.mark.timeout(900)
+
+
+def _sandbox_dirs() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("mopd-sandbox-*")}
 
 
 @pytest.mark.parametrize("loss", ["rl", "mopd"])
@@ -52,7 +57,10 @@ def test_run_on_the_code_repair_environment(tmp_path: Path, loss: str):
         cfg["teachers"] = [{"name": "code-teacher", "model": str(student), "domains": ["code"]}]
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    sandboxes_before = _sandbox_dirs()
     metrics = train(load_config(path))
+    # The run closed its Toolbox: no sandbox it made is left in the temporary directory.
+    assert _sandbox_dirs() - sandboxes_before == set()
     ids = trained_sample_ids(out)
     assert len(ids) == 2 * 2 * 2 and len(set(ids)) == len(ids)
     assert metrics["agent/trajectories"] >= 8 and metrics["agent/turns"] >= 8

@@ -322,7 +322,7 @@ class Services:
             ray.get(toolbox.stats.remote())
         except Exception as e:
             raise RunError(f"the Toolbox cannot start its sandboxes: {e}") from None
-        self.stack.callback(lambda: ray.kill(toolbox))
+        self.stack.callback(_stop_toolbox, toolbox)
         return toolbox
 
     def _tool_manager_config(self):
@@ -466,3 +466,15 @@ def _has_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _stop_toolbox(toolbox: Any) -> None:
+    """Close the Toolbox's sandboxes (their files and uids; it bounds each close), then end
+    the actor: killed without it, the actor would leave every sandbox's directory behind."""
+    import ray
+
+    try:
+        ray.get(toolbox.close.remote(), timeout=120)
+    except Exception as e:  # the run is ending: say so, and kill it anyway
+        log.warning("the Toolbox did not close its sandboxes: %s: %s", type(e).__name__, e)
+    ray.kill(toolbox)
