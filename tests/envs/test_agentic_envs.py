@@ -2,7 +2,9 @@
 
 Code repair: in a real sandbox leased from a real Toolbox, each task's test fails as
 shipped, passes after the task's reference fix (applied with the model's own tool,
-str_replace) and fails after its decoy fix; editing the tests cannot make them pass. Tool use:
+str_replace) and fails after its decoy fix; editing the tests, replacing them by FIFOs,
+directories or symlinks, or planting tests, test configuration or bytecode that would pass
+cannot change the verdict, which the task's own tests' results decide. Tool use:
 each question's reference command, run with bash in the sandbox, prints the answer, and only
 that answer earns the reward.
 """
