@@ -95,10 +95,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace):
+    from mopd.catalog import registries
     from mopd.config import ConfigError, load_config
 
     try:
-        return load_config(args.config, args.overrides)
+        return load_config(args.config, args.overrides, registries())
     except ConfigError as e:
         print(f"mopd {args.command}: {e}", file=sys.stderr)
         return None
@@ -118,6 +119,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from mopd.config import ConfigError
     from mopd.run import RunError, train
     from mopd.run.logs import configure_logging
 
@@ -127,6 +129,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     configure_logging()
     try:
         train(run, resume=args.resume, parent_run_id=args.parent_run_id)
+    except ConfigError as e:  # what only the run's own checks see (a missing model folder)
+        print(f"mopd train: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     except (RunError, FileNotFoundError) as e:
         print(f"mopd train: {e}", file=sys.stderr)
         return EXIT_RUN_ERROR

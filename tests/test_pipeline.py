@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from mopd.catalog import registries
+from mopd.cli import main
 from mopd.config import ConfigError
 from mopd.config.pipeline import is_pipeline_config, load_pipeline, stage_run_config, to_yaml
 from mopd.pipeline import run_pipeline
@@ -34,7 +36,7 @@ def test_quickstart_is_a_pipeline_config():
 
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
 def test_shipped_pipeline_validates(path: Path):
-    plan = load_pipeline(path)
+    plan = load_pipeline(path, registries=registries())
     domains = {s.domain for s in plan.base_run.data.sources}
     assert {t.domain for t in plan.config.stages.teachers} == domains
     mopd = stage_run_config(plan, "mopd", {})
@@ -98,6 +100,39 @@ def test_bad_pipeline_names_the_field(overrides: list[str], needle: str):
     with pytest.raises(ConfigError) as info:
         load_pipeline(QUICKSTART, overrides)
     assert any(needle in p for p in info.value.problems), info.value.problems
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["init.tiny.config.hiden_size=32"], "init.tiny.config.hiden_size: not a field of the"),
+        (["init.tiny.config.num_hidden_layers=-2"], "init.tiny.config.num_hidden_layers: -2 must"),
+        (["init.tiny.config.num_attention_heads=3"], "init.tiny.config: no mimo_v2_flash model"),
+        (["init.tiny.config.hidden_size=130"], "init.tiny.config: no mimo_v2_flash model"),
+        (["init.tiny.config.num_hidden_layers=5"], "init.tiny.config: no mimo_v2_flash model"),
+        (["init.tiny.config.vocab_size=300"], "init.tiny.config.vocab_size: with init.tokenizer"),
+        (["pipeline.name=my pipeline"], "pipeline.name: bad name 'my pipeline'"),
+        (["stages.mopd.model=models:/mopd/latest"], "stages.mopd.model: 'models:/mopd/latest'"),
+        (["stages.teachers.0.register_as=a/b"], "stages.teachers[0].register_as: bad name"),
+        (["base.data.sources.0.foo=1"], "base.data.sources[0].foo: unknown key"),
+        (["stages.sft.overrides.trainer=[1]"], "stages.sft.overrides.trainer: a section"),
+        (["stages.teachers.0.serving.top_k=4"], "stages.teachers[0].serving.top_k: unknown key"),
+        (["base.scheduler.redis_url='redis://h:0/0'"], "scheduler.redis_url: port 0 out of range"),
+    ],
+)
+def test_bad_pipeline_fields_are_refused_at_validation(overrides: list[str], needle: str):
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(QUICKSTART, overrides, registries())
+    assert any(needle in p for p in info.value.problems), info.value.problems
+
+
+def test_pipeline_refuses_before_creating_its_mlflow_store(tmp_path: Path, capsys):
+    out = tmp_path / "p"
+    for bad in ("init.tiny.config.num_attention_heads=3", "base.data.sources.0.reward=nope"):
+        rc = main(["pipeline", str(QUICKSTART), f"pipeline.output_dir={out}", bad])
+        err = capsys.readouterr().err
+        assert rc == 2 and "invalid config" in err and "Traceback" not in err
+        assert not out.exists()  # no MLflow store, no stage folder, no tiny model
 
 
 def _png_size(path: Path) -> tuple[int, int]:

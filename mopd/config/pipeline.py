@@ -13,9 +13,11 @@ Running the stages and reporting their results live in ``mopd.pipeline``.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +25,28 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mopd.algo.stages import stage_for
-from mopd.config.load import ConfigError, _first_line
+from mopd.config.load import (
+    MAX_CONFIG_BYTES,
+    BadOverride,
+    ConfigError,
+    _error,
+    _first_line,
+    apply_override,
+    read_tree,
+    shape_problems,
+    to_object,
+)
 from mopd.config.schema import RunConfig, TeacherConfig
-from mopd.config.validate import validate
+from mopd.config.validate import (
+    MAX_VALUE_CHARS,
+    NAME_RULE,
+    Registries,
+    clip,
+    model_ref_problem,
+    name_ok,
+    short,
+    validate,
+)
 
 __all__ = [
     "EXECUTORS",
@@ -211,45 +232,58 @@ class Plan:
 def is_pipeline_config(path: str | os.PathLike) -> bool:
     """Whether a YAML file is a pipeline config (it has a top-level ``stages`` section)."""
     try:
+        if Path(path).stat().st_size > MAX_CONFIG_BYTES:
+            return False  # load_config refuses it, with the reason
         loaded = OmegaConf.load(path)
     except Exception:
         return False
     return isinstance(loaded, DictConfig) and "stages" in loaded
 
 
-def load_pipeline(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Plan:
+_NESTED = {
+    (PipelineConfig, "base"): RunConfig,
+    (StudentStage, "overrides"): RunConfig,
+    (TeacherStage, "overrides"): RunConfig,
+    (TeacherStage, "serving"): TeacherConfig,
+}
+"""The free-form sections of a pipeline config and the schema each follows."""
+
+
+def load_pipeline(
+    path: str | os.PathLike | None,
+    overrides: Sequence[str] = (),
+    registries: Registries | None = None,
+) -> Plan:
     """Load, override, resolve and validate a pipeline config, including the run config of
-    every stage (so a bad stage fails before the first stage starts).
+    every stage and the tiny initial model (so a bad stage fails before anything starts).
+
+    ``registries``: the reward and generator names to check (``mopd.catalog.registries()``).
 
     Raises:
-        ConfigError: with every problem found, each naming the field and the fix.
+        ConfigError: with every problem found, each naming the field and the fix. Nothing
+            else: any input, however broken, becomes a ConfigError.
     """
     source = str(path) if path is not None else None
     cfg = OmegaConf.structured(PipelineConfig)
     problems: list[str] = []
     if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError([f"config file not found: {path}; pass a pipeline YAML"], source)
+        tree = read_tree(Path(path))
+        problems = shape_problems(tree, PipelineConfig, nested=_NESTED)
+        if problems:
+            raise ConfigError(problems, source)
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            cfg = OmegaConf.merge(cfg, tree)
         except OmegaConfBaseException as e:
             raise ConfigError([_describe(e)], source) from None
-        except Exception as e:  # YAML syntax
-            raise ConfigError([f"not a valid YAML mapping: {_first_line(e)}"], source) from None
+        except Exception as e:
+            raise ConfigError(
+                [f"cannot merge the file onto the schema: {_error(e)}"], source
+            ) from None
     for item in overrides:
-        key, sep, _ = item.partition("=")
-        if not sep or not key.strip():
-            problems.append(
-                f"override '{item}' is not of the form key=value (e.g. pipeline.seed=1)"
-            )
-            continue
         try:
-            value = OmegaConf.select(OmegaConf.from_dotlist([item]), key.strip())
-            if isinstance(value, DictConfig) or OmegaConf.is_list(value):
-                value = OmegaConf.to_container(value)
-            OmegaConf.update(cfg, key.strip(), value, merge=True)
-        except OmegaConfBaseException as e:
-            problems.append(f"override '{item}': {_describe(e)}")
+            apply_override(cfg, item, PipelineConfig, _NESTED)
+        except BadOverride as e:
+            problems.append(str(e))
     if problems:
         raise ConfigError(problems, source)
     assert isinstance(cfg, DictConfig)
@@ -259,6 +293,10 @@ def load_pipeline(path: str | os.PathLike | None, overrides: Sequence[str] = ())
         base = OmegaConf.merge(base, cfg.base)
     except OmegaConfBaseException as e:
         raise ConfigError([f"base.{_describe(e)}"], source) from None
+    except Exception as e:
+        raise ConfigError(
+            [f"base: cannot merge it onto the run config: {_error(e)}"], source
+        ) from None
     defaults = OmegaConf.structured(RunConfig)
     for key, owner in _PER_STAGE.items():
         if key == "model.path":
@@ -271,13 +309,13 @@ def load_pipeline(path: str | os.PathLike | None, overrides: Sequence[str] = ())
             )
     base.model.path = _PLACEHOLDER
     try:
-        pcfg = OmegaConf.to_object(cfg)
-        base_run = OmegaConf.to_object(base)
-    except OmegaConfBaseException as e:
-        raise ConfigError([*problems, _describe(e)], source) from None
+        pcfg = to_object(cfg, source)
+        base_run = to_object(base, source, prefix="base.")
+    except ConfigError as e:
+        raise ConfigError([*problems, *e.problems], source) from None
     assert isinstance(pcfg, PipelineConfig) and isinstance(base_run, RunConfig)
     plan = Plan(pcfg, base, base_run)
-    problems += _check(plan)
+    problems += _check(plan, registries)
     if problems:
         raise ConfigError(problems, source)
     return plan
@@ -291,14 +329,20 @@ def _raw(node: DictConfig, key: str) -> Any:
     return tree
 
 
-def _check(plan: Plan) -> list[str]:
-    """Pipeline-level checks, then every stage's run config through ``mopd.config.validate``."""
+def _check(plan: Plan, registries: Registries | None) -> list[str]:
+    """Pipeline-level checks, then every stage's run config through ``mopd.config.validate``
+    and the tiny initial model (``tiny_model_problems``)."""
     from mopd.models.tiny import ARCHS
 
     cfg = plan.config
     problems: list[str] = []
-    if not cfg.pipeline.name.strip():
-        problems.append("pipeline.name: empty; name the pipeline")
+    if not name_ok(cfg.pipeline.name):
+        problems.append(
+            f"pipeline.name: bad name {short(cfg.pipeline.name)}; it prefixes every stage's "
+            f"run name and folder: use {NAME_RULE}"
+        )
+    if not cfg.pipeline.output_dir.strip():
+        problems.append("pipeline.output_dir: empty; name the pipeline's folder")
     if cfg.init.model is None and cfg.init.tokenizer not in INIT_TOKENIZERS:
         problems.append(
             f"init.tokenizer: bad value {cfg.init.tokenizer!r}; accepted: "
@@ -353,9 +397,19 @@ def _check(plan: Plan) -> list[str]:
             f"stages.teachers: no teacher for domain(s) {', '.join(missing)}; MOPD needs one "
             "per domain: add {domain: ..., method: rl|sft}"
         )
+    for i, t in enumerate(cfg.stages.teachers):
+        if t.register_as is not None and not name_ok(t.register_as):
+            problems.append(
+                f"stages.teachers[{i}].register_as: bad name {short(t.register_as)}; it "
+                f"becomes models:/<name>/<version>: use {NAME_RULE}"
+            )
     for ref_key, ref in _model_refs(cfg):
-        if ref is not None and not ref.strip():
-            problems.append(f"{ref_key}: empty; name a folder or a models:/name/version URI")
+        if ref is not None and (problem := model_ref_problem(ref)) is not None:
+            problems.append(f"{ref_key}: {problem}")
+    if cfg.init.model is None and cfg.init.tiny.arch in ARCHS:
+        problems += tiny_model_problems(
+            cfg.init.tiny.arch, cfg.init.tiny.config, cfg.init.tokenizer
+        )
     if problems:
         return problems
     for stage in stage_names(cfg):
@@ -364,8 +418,86 @@ def _check(plan: Plan) -> list[str]:
         except ConfigError as e:
             problems += e.problems
             continue
-        problems += [f"{_stage_key(cfg, stage)} (run {run.run.name}): {p}" for p in validate(run)]
+        problems += [
+            f"{_stage_key(cfg, stage)} (run {run.run.name}): {p}" for p in validate(run, registries)
+        ]
     return problems
+
+
+_SIZE_FIELD = ("_size", "_dim", "_heads", "_layers", "experts", "experts_per_tok", "_embeddings")
+"""Fields of a transformers config that count something: each must be >= 1."""
+_MAX_CHECKED_PARAMS = 50_000_000
+"""Tiny models up to this many parameters are built and run once on CPU when validated."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def tiny_model_problems(arch: str, config: dict[str, Any], tokenizer: str) -> list[str]:
+    """What is wrong with ``init.tiny.config`` (``_tiny_problems``), remembered per config:
+    validating the same pipeline again builds no model."""
+    try:
+        key = json.dumps(config, sort_keys=True, default=repr)
+    except (TypeError, ValueError):  # keys of mixed types: no cache
+        return _tiny_problems(arch, config, tokenizer)
+    return list(_tiny_problems_cached(arch, key, tokenizer))
+
+
+@lru_cache(maxsize=64)
+def _tiny_problems_cached(arch: str, config_json: str, tokenizer: str) -> tuple[str, ...]:
+    return tuple(_tiny_problems(arch, json.loads(config_json), tokenizer))
+
+
+def _tiny_problems(arch: str, config: dict[str, Any], tokenizer: str) -> list[str]:
+    """What is wrong with ``init.tiny.config``: keys the architecture's transformers config
+    does not have (a typo would be ignored silently), sizes below 1, and sizes that no model
+    can have (transformers' own checks, then one forward pass of the built model on CPU, for
+    models small enough; a model too big is built on the meta device only)."""
+    import difflib
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mopd.models.tiny import VOCAB_SIZE, tiny_config
+
+    key = "init.tiny.config"
+    known = sorted(tiny_config(arch).to_dict())
+    problems = []
+    for name, value in config.items():
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            problems.append(f"{key}.{clip(str(name), 60)}: not a field of the {arch} config{hint}")
+        elif _is_int(value) and str(name).endswith(_SIZE_FIELD) and value < 1:
+            problems.append(f"{key}.{name}: {value} must be >= 1")
+    if "vocab_size" in config:
+        if tokenizer == "data":
+            problems.append(
+                f"{key}.vocab_size: with init.tokenizer=data the vocabulary comes from the "
+                "learned tokenizer; remove vocab_size"
+            )
+        elif isinstance(config["vocab_size"], int) and config["vocab_size"] < VOCAB_SIZE:
+            problems.append(
+                f"{key}.vocab_size: {config['vocab_size']} is smaller than the byte-level "
+                f"tokenizer's {VOCAB_SIZE} ids; remove it or raise it"
+            )
+    if problems:
+        return problems
+    try:
+        model_cfg = tiny_config(arch, **config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_cfg)
+        if sum(p.numel() for p in model.parameters()) <= _MAX_CHECKED_PARAMS:
+            model = AutoModelForCausalLM.from_config(model_cfg, dtype=torch.float32)
+            with torch.no_grad():
+                model(torch.zeros(1, 4, dtype=torch.long))
+    except Exception as e:
+        return [
+            f"{key}: no {arch} model has these sizes ({_error(e)}); check that the head counts "
+            "divide each other, the layer lists match num_hidden_layers, and every size is > 0"
+        ]
+    return []
 
 
 def _model_refs(cfg: PipelineConfig) -> Iterator[tuple[str, str | None]]:
@@ -423,6 +555,8 @@ def stage_run_config(plan: Plan, stage: str, models: dict[str, str]) -> RunConfi
         node = OmegaConf.merge(node, overrides)
     except OmegaConfBaseException as e:
         raise ConfigError([f"{key}.overrides.{_describe(e)}"]) from None
+    except Exception as e:
+        raise ConfigError([f"{key}.overrides: cannot merge them onto base: {_error(e)}"]) from None
     node.run.name = f"{cfg.pipeline.name}-{stage}"
     node.run.output_dir = str(out / stage)
     node.run.seed = cfg.pipeline.seed
@@ -441,10 +575,7 @@ def stage_run_config(plan: Plan, stage: str, models: dict[str, str]) -> RunConfi
             s.group_size = 1
             s.dynamic_sampling = False
     node.teachers = _teacher_table(cfg, model_of) if kind.uses_teacher else []
-    try:
-        run = OmegaConf.to_object(node)
-    except OmegaConfBaseException as e:
-        raise ConfigError([f"{key}.overrides: {_describe(e)}"]) from None
+    run = to_object(node, None, prefix=f"{key} (run {cfg.pipeline.name}-{stage}): ")
     assert isinstance(run, RunConfig)
     return run
 
@@ -468,12 +599,14 @@ def _teacher_table(cfg: PipelineConfig, model_of: Callable[[str], str]) -> list[
             teachers.append(OmegaConf.merge(OmegaConf.structured(TeacherConfig), fixed, t.serving))
         except OmegaConfBaseException as e:
             raise ConfigError([f"stages.teachers[{i}].serving.{_describe(e)}"]) from None
+        except Exception as e:
+            raise ConfigError([f"stages.teachers[{i}].serving: {_error(e)}"]) from None
     return teachers
 
 
 def _describe(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None) or "<root>"
-    return f"{key}: {_first_line(e)}"
+    return f"{key}: {clip(_first_line(e), MAX_VALUE_CHARS)}"
 
 
 def to_yaml(plan: Plan) -> str:

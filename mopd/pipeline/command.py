@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from mopd.catalog import registries
 from mopd.config import ConfigError
 from mopd.config.pipeline import load_pipeline, to_yaml
 from mopd.pipeline.runner import PipelineError, run_pipeline
@@ -46,7 +47,7 @@ def add_pipeline_parser(subparsers: Any) -> argparse.ArgumentParser:
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """``mopd pipeline``: load and validate the config, run it; the exit code."""
     try:
-        plan = load_pipeline(args.config, args.overrides)
+        plan = load_pipeline(args.config, args.overrides, registries())
     except ConfigError as e:
         print(f"mopd pipeline: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -64,7 +65,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 def cmd_validate_pipeline(config: str, overrides: Sequence[str]) -> int:
     """``mopd validate`` of a pipeline config: print it resolved, or every problem."""
     try:
-        plan = load_pipeline(config, overrides)
+        plan = load_pipeline(config, overrides, registries())
     except ConfigError as e:
         print(f"mopd validate: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mopd.catalog import registries
 from mopd.config import ConfigError, RunConfig, load_config, save_resolved, schema, to_yaml
 from mopd.config.docs import describe, field_docs
 from mopd.config.pipeline import is_pipeline_config
@@ -25,7 +26,9 @@ def test_configs_folder_is_not_empty():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_config_validates(path: Path):
-    run = load_config(path)
+    # With the registries, as `mopd validate` and `mopd train` check it: every reward and
+    # generator a shipped config names exists.
+    run = load_config(path, registries=registries())
     assert isinstance(run, RunConfig)
     assert run.data.sources, "a shipped config must have data"
     # Interpolations are resolved: nothing like ${...} survives.
@@ -192,3 +195,15 @@ def test_describe_lists_every_leaf():
     assert any(
         line.strip().startswith("teachers[i].domains (list[str], required)") for line in lines
     )
+
+
+def test_shipped_configs_name_only_registered_rewards():
+    """Every reward a shipped config names is in the reward registry (the cluster config's
+    code source named a ``code_unit_tests`` reward that never existed)."""
+    from envs.registry import REWARDS
+
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        tree = yaml.safe_load(path.read_text())
+        run = tree.get("base", tree)
+        for src in run["data"]["sources"]:
+            assert src.get("reward", "exact_match") in REWARDS, (path.name, src["name"])
