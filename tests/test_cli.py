@@ -14,6 +14,7 @@ from mopd import __version__
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 RUN_CONFIG = REPO / "configs" / "mopd_tiny.yaml"
+CLUSTER = REPO / "configs" / "cluster_mopd.yaml"
 MOPD = shutil.which("mopd")
 
 pytestmark = pytest.mark.skipif(
@@ -48,6 +49,8 @@ def test_no_command_prints_help_and_fails():
 
 
 def test_validate_accepts_every_shipped_config():
+    # mopd validate checks rewards and generators against their registries: the cluster
+    # config's code source used to name a reward that does not exist.
     for path in CONFIGS:
         out = mopd("validate", str(path))
         assert out.returncode == 0, (path, out.stderr)
@@ -98,3 +101,43 @@ def test_config_docs():
     assert "trainer." not in out.stdout
     bad = mopd("config-docs", "nope")
     assert bad.returncode == 2 and "sections:" in bad.stderr
+
+
+def test_train_refuses_before_any_service_starts(tmp_path: Path):
+    """A run whose student folder does not exist stops before MLflow, Redis or Ray start:
+    the run folder holds no tracking store, no Redis data and no processes file."""
+    out = tmp_path / "o"
+    result = mopd("train", str(RUN_CONFIG), f"run.output_dir={out}", "tracking.enabled=true")
+    assert result.returncode == 1, result.stderr
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert not (out / "mlflow.db").exists()
+    assert not (out / "redis").exists()
+    assert not (out / "logs" / "processes.json").exists()
+    assert not (out / "resolved_config.yaml").exists()
+
+
+def test_train_refuses_an_unknown_reward_before_writing(tmp_path: Path):
+    out = tmp_path / "o"
+    result = mopd("train", str(CLUSTER), f"run.output_dir={out}", "data.sources.0.reward=nope")
+    assert result.returncode == 2
+    assert "data.sources[0].reward: unknown reward 'nope'" in result.stderr
+    assert not out.exists()
+
+
+def test_the_run_itself_refuses_an_invalid_config_before_anything(tmp_path: Path):
+    """``mopd.run.train`` (what the pipeline and ``mopd submit`` call) validates with the
+    registries too: a config loaded without them is refused before any folder or service."""
+    import ray
+
+    from mopd.config import ConfigError, load_config
+    from mopd.run import train
+
+    out = tmp_path / "o"
+    cfg = load_config(RUN_CONFIG, [f"run.output_dir={out}", "data.sources.1.reward=nope"])
+    try:
+        train(cfg)
+    except ConfigError as e:
+        assert any(p.startswith("data.sources[1].reward: unknown reward") for p in e.problems)
+    else:
+        raise AssertionError("train accepted an unknown reward")
+    assert not out.exists() and not ray.is_initialized()

@@ -39,7 +39,9 @@ from typing import Any
 import redis
 
 from mopd.algo.stages import stage_for
-from mopd.config import RunConfig
+from mopd.catalog import registries
+from mopd.config import ConfigError, RunConfig
+from mopd.config.validate import validate
 from mopd.packing import pack_micro_batches
 from mopd.scheduler.scheduler import DataScheduler
 from mopd.scheduler.tokenize import load_tokenize
@@ -65,6 +67,10 @@ class Driver:
     def __init__(
         self, cfg: RunConfig, *, resume: bool = False, parent_run_id: str | None = None
     ) -> None:
+        # A config the run would refuse is refused here, before anything starts.
+        problems = validate(cfg, registries())
+        if problems:
+            raise ConfigError(problems)
         self.cfg, self.resume, self.parent_run_id = cfg, resume, parent_run_id
         self.stage = stage_for(cfg.algorithm.loss)
         self.paths = RunPaths(Path(cfg.run.output_dir).resolve())
@@ -82,14 +88,8 @@ class Driver:
                 f"{paths.checkpoints} already holds checkpoints; pass --resume to continue "
                 "that run, or choose another run.output_dir / run.name"
             )
-        if cfg.rollout.weight_sync == "distributed":
-            raise RunError(
-                "rollout.weight_sync=distributed (an NCCL group between trainer and engines) is "
-                "not available in this release; use disk (any machine) or tensor (same host)"
-            )
-        services.start_tracking(self.parent_run_id)
-        stream = services.start_queue()
-        services.start_ray()
+        # What needs files (model folders, registry URIs, tokenizers, data sources and their
+        # generator arguments) is checked before the first service (MLflow, Redis, Ray) starts.
         services.resolve_models()
         self.scheduler = DataScheduler(
             cfg.data.sources,
@@ -100,6 +100,9 @@ class Driver:
             advantage_eps=cfg.algorithm.advantage_eps,
             dense_signal=self.stage.uses_teacher,
         )
+        services.start_tracking(self.parent_run_id)
+        stream = services.start_queue()
+        services.start_ray()
         services.start_roles()
         state, stats = self.state, self.stats
         sync_mode = cfg.scheduler.mode == "sync"
