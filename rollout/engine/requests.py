@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,10 @@ __all__ = [
 
 _SAMPLING_EPS = 1e-6
 TOP_K_ALL = 1 << 30
+MAX_STOP_STRINGS = 256
+"""Most stop strings one request may give (each is matched at every decode step)."""
+MAX_STOP_CHARS = 4096
+"""Longest stop string accepted, in characters (its tokens are re-decoded at every step)."""
 
 
 class RequestError(ValueError):
@@ -61,8 +65,11 @@ _ACCEPTED_NOOP = {"spaces_between_special_tokens", "stream_interval"}
 class SamplingParams:
     """SGLang's ``sampling_params`` (``srt/sampling/sampling_params.py``), the supported subset.
 
-    ``temperature`` 0 means greedy. ``top_k`` -1 (or absent) means the whole vocabulary.
+    ``temperature`` 0 (below 1e-6) means greedy: stored as temperature 1 and ``top_k`` 1, as
+    SGLang normalises it. ``top_k`` -1 (or absent) means the whole vocabulary.
     ``sampling_seed`` is SGLang's per-request seed; ``seed`` is accepted as an alias.
+    Built directly or through ``from_dict``, the same range checks run (``__post_init__``):
+    a value out of range raises ``RequestError`` naming the field.
     """
 
     max_new_tokens: int | None = 128
@@ -77,6 +84,40 @@ class SamplingParams:
     sampling_seed: int | None = None
     skip_special_tokens: bool = True
     no_stop_trim: bool = False
+
+    def __post_init__(self) -> None:
+        temperature, top_k = self.temperature, self.top_k
+        if not math.isfinite(temperature) or temperature < 0.0:
+            raise RequestError(
+                f"temperature must be a non-negative finite number, got {temperature}."
+            )
+        if temperature < _SAMPLING_EPS:  # greedy, as SGLang normalises it
+            temperature, top_k = 1.0, 1
+        if top_k == -1:
+            top_k = TOP_K_ALL
+        object.__setattr__(self, "temperature", float(temperature))
+        object.__setattr__(self, "top_k", top_k)
+        if not 0.0 < self.top_p <= 1.0:  # False for NaN too
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise RequestError(f"min_p must be in [0, 1], got {self.min_p}.")
+        if top_k < 1:
+            raise RequestError(f"top_k must be -1 (disable) or at least 1, got {top_k}.")
+        if self.max_new_tokens is not None and self.max_new_tokens < 0:
+            raise RequestError(f"max_new_tokens must be at least 0, got {self.max_new_tokens}.")
+        if self.n < 1:
+            raise RequestError(f"n must be at least 1, got {self.n}.")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise RequestError(
+                f"sampling_params.stop holds {len(self.stop)} strings; at most "
+                f"{MAX_STOP_STRINGS} are accepted"
+            )
+        longest = max((len(s) for s in self.stop), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise RequestError(
+                f"sampling_params.stop holds a string of {longest} characters; at most "
+                f"{MAX_STOP_CHARS} are accepted"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -94,8 +135,8 @@ class SamplingParams:
             value = raw.pop(name, default)
             if value is not None and value != default and value != {} and value != []:
                 raise RequestError(
-                    f"sampling_params.{name}={value!r} is not supported by the embedded engine "
-                    f"server; leave it at {default!r} or use an SGLang server"
+                    f"sampling_params.{name}={_short(value)} is not supported by the embedded "
+                    f"engine server; leave it at {default!r} or use an SGLang server"
                 )
         for name in _ACCEPTED_NOOP:
             raw.pop(name, None)
@@ -110,58 +151,38 @@ class SamplingParams:
             value = raw.get(name)
             return default if value is None else value
 
-        try:
-            max_new = raw.get("max_new_tokens", 128)
-            max_new = None if max_new is None else _as_int(max_new, "max_new_tokens")
-            temperature = float(get("temperature", 1.0))
-            top_p = float(get("top_p", 1.0))
-            top_k = _as_int(get("top_k", -1), "top_k")
-            min_p = float(get("min_p", 0.0))
-            n = _as_int(get("n", 1), "n")
-            seed = raw.get("sampling_seed")
-            seed = None if seed is None else _as_int(seed, "sampling_seed")
-        except (TypeError, ValueError) as exc:
-            raise RequestError(f"invalid sampling_params: {exc}") from exc
+        max_new = raw.get("max_new_tokens", 128)
+        max_new = None if max_new is None else _as_int(max_new, "max_new_tokens")
+        temperature = _as_float(get("temperature", 1.0), "temperature")
+        top_p = _as_float(get("top_p", 1.0), "top_p")
+        top_k = _as_int(get("top_k", -1), "top_k")
+        min_p = _as_float(get("min_p", 0.0), "min_p")
+        n = _as_int(get("n", 1), "n")
+        seed = raw.get("sampling_seed")
+        seed = None if seed is None else _as_int(seed, "sampling_seed")
         stop = raw.get("stop") or ()
         if isinstance(stop, str):
             stop = (stop,)
         if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
             raise RequestError(
-                f"sampling_params.stop must be a string or a list of strings, got {stop!r}"
+                f"sampling_params.stop must be a string or a list of strings, got {_short(stop)}"
             )
         stop_ids = raw.get("stop_token_ids") or ()
         if not isinstance(stop_ids, (list, tuple, set)) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in stop_ids
         ):
             raise RequestError(
-                f"sampling_params.stop_token_ids must be a list of integers, got {stop_ids!r}"
+                f"sampling_params.stop_token_ids must be a list of integers, got {_short(stop_ids)}"
             )
         flags = {}
         for name in ("ignore_eos", "skip_special_tokens", "no_stop_trim"):
             default = name == "skip_special_tokens"
             value = get(name, default)
             if not isinstance(value, bool):
-                raise RequestError(f"sampling_params.{name} must be true or false, got {value!r}")
+                raise RequestError(
+                    f"sampling_params.{name} must be true or false, got {_short(value)}"
+                )
             flags[name] = value
-
-        if not math.isfinite(temperature) or temperature < 0.0:
-            raise RequestError(
-                f"temperature must be a non-negative finite number, got {temperature}."
-            )
-        if 0.0 <= temperature < _SAMPLING_EPS:  # greedy, as SGLang normalises it
-            temperature, top_k = 1.0, 1
-        if top_k == -1:
-            top_k = TOP_K_ALL
-        if not 0.0 < top_p <= 1.0:
-            raise RequestError(f"top_p must be in (0, 1], got {top_p}.")
-        if not 0.0 <= min_p <= 1.0:
-            raise RequestError(f"min_p must be in [0, 1], got {min_p}.")
-        if top_k < 1:
-            raise RequestError(f"top_k must be -1 (disable) or at least 1, got {top_k}.")
-        if max_new is not None and max_new < 0:
-            raise RequestError(f"max_new_tokens must be at least 0, got {max_new}.")
-        if n < 1:
-            raise RequestError(f"n must be at least 1, got {n}.")
         return cls(
             max_new_tokens=max_new,
             temperature=temperature,
@@ -176,10 +197,30 @@ class SamplingParams:
         )
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (error messages stay short)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _as_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+    """An integral JSON number (``2.0`` is accepted, as SGLang does; booleans are not)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not value.is_integer())
+    ):
+        raise RequestError(f"sampling_params.{name} must be an integer, got {_short(value)}")
     return int(value)
+
+
+def _as_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"sampling_params.{name} must be a number, got {_short(value)}")
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond the float range
+        raise RequestError(f"sampling_params.{name} is out of range, got {_short(value)}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,11 +334,29 @@ class RequestLimits:
     model_name: str  # the model's class name, for messages
 
 
+def _out_of_vocab(ids: Iterable[Any], vocab_size: int) -> list[Any]:
+    return [
+        t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size
+    ]
+
+
 def _check_token_ids(ids: Sequence[int], vocab_size: int) -> None:
-    if any((not isinstance(t, int)) or t < 0 or t >= vocab_size for t in ids):
+    bad = _out_of_vocab(ids, vocab_size)
+    if bad:
+        shown = _short(list(ids)) if len(ids) <= 16 else f"(of {len(ids)} tokens)"
         raise RequestError(
-            f"The input_ids {list(ids)} contains values greater than the vocab size "
-            f"({vocab_size}) or negative values."
+            f"The input_ids {shown} contains values greater than the vocab size "
+            f"({vocab_size}) or negative values: {_short(bad[:8])}."
+        )
+
+
+def _check_sampling(sampling: SamplingParams, limits: RequestLimits) -> None:
+    """What ``SamplingParams`` cannot check alone: token ids against the vocabulary."""
+    bad = _out_of_vocab(sampling.stop_token_ids, limits.vocab_size)
+    if bad:
+        raise RequestError(
+            f"sampling_params.stop_token_ids must be token ids in [0, {limits.vocab_size}), "
+            f"got {_short(sorted(bad)[:8])}"
         )
 
 
@@ -313,13 +372,14 @@ def validate(req: Request, limits: RequestLimits, context: Sequence[int] | None 
             if req.session is None
             else "A session request must contain input tokens after restoring history."
         )
-    _check_token_ids(ids, limits.vocab_size)
     n_in, context_len = len(ids), limits.context_len
     if n_in >= context_len:
         raise RequestError(
             f"The input ({n_in} tokens) is longer than the model's context length "
             f"({context_len} tokens)."
         )
+    _check_token_ids(ids, limits.vocab_size)
+    _check_sampling(req.sampling, limits)
     max_new = req.sampling.max_new_tokens
     if max_new is not None and max_new + n_in >= context_len:
         raise RequestError(
@@ -329,13 +389,13 @@ def validate(req: Request, limits: RequestLimits, context: Sequence[int] | None 
             f"completion. Please reduce the number of tokens in the input messages or the "
             f"completion to fit within the limit."
         )
+    if req.logprob_start_len < -1:
+        raise RequestError(f"logprob_start_len must be -1 or >= 0, got {req.logprob_start_len}")
     if req.return_logprob and req.logprob_start_len >= n_in:
         raise RequestError(
             f"logprob_start_len ({req.logprob_start_len}) is higher than the number of input "
             f"tokens ({n_in}). Please use a smaller logprob_start_len."
         )
-    if req.logprob_start_len < -1:
-        raise RequestError(f"logprob_start_len must be -1 or >= 0, got {req.logprob_start_len}")
     if req.top_logprobs_num < 0:
         raise RequestError(f"top_logprobs_num must be >= 0, got {req.top_logprobs_num}")
     if req.return_routed_experts:
@@ -347,8 +407,8 @@ def validate(req: Request, limits: RequestLimits, context: Sequence[int] | None 
             raise RequestError(f"return_routed_experts: {limits.model_name} has no MoE router")
         if not 0 <= req.routed_experts_start_len <= n_in:
             raise RequestError(
-                f"routed_experts_start_len={req.routed_experts_start_len} is higher than the "
-                f"number of input tokens {n_in} (must be in [0, prompt_tokens])."
+                f"routed_experts_start_len={req.routed_experts_start_len} must be in [0, "
+                f"prompt_tokens] = [0, {n_in}]."
             )
 
 
@@ -364,3 +424,4 @@ def check_submitted(req: Request, limits: RequestLimits) -> None:
         raise RequestError("a session request generates one sequence: use n=1")
     else:
         _check_token_ids(req.input_ids, limits.vocab_size)
+        _check_sampling(req.sampling, limits)
