@@ -34,16 +34,27 @@ response shapes and error bodies follow SGLang's ``srt/entrypoints/http_server.p
 ``/get_weight_version``, ``/get_server_info``, ``/release_memory_occupation``,
 ``/resume_memory_occupation``, ``/pause_generation``, ``/continue_generation``.
 
-Errors: a body that is not valid JSON or has wrongly typed fields answers 400 with SGLang's
-validation body ``{"object": "error", "message", "type": "Bad Request", "param", "code":
-400}``; a request the engine cannot run (context length, bad ids, bad sampling params) answers
-400 with ``{"error": {"message": ...}}`` as SGLang's ``_create_error_response`` does.
+Errors: a body that is not valid JSON (junk bytes, not UTF-8, nested too deeply) or has
+wrongly typed fields answers 400 with SGLang's validation body ``{"object": "error",
+"message", "type": "Bad Request", "param", "code": 400}``, its message naming the fields (the
+first few, cut to a bounded length); a request the engine cannot run (context length, bad
+ids, bad sampling params) answers 400 with ``{"error": {"message": ...}}`` as SGLang's
+``_create_error_response`` does. Every such request is refused before the engine sees it, so
+one bad request never fails or holds up the others.
+
+Hostile clients: a body larger than ``--max-body-bytes`` answers 413, one not fully
+received within ``--body-timeout`` seconds (a slow sender) 408 (``BodyLimits``);
+``/generate`` asks for at most ``MAX_SEQUENCES`` sequences (prompts x ``n``). Parsing and
+tokenizing run on the thread pool, not on the event loop, so a large body never stalls the
+other connections. uvicorn's own limits bound the rest: ``--limit-concurrency`` (503 beyond
+it) and ``h11_max_incomplete_event_size`` (the request line and headers).
 
 Launch flags: SGLang's names (``--model-path``, ``--tokenizer-path``, ``--host`` (default
 127.0.0.1), ``--port``, ``--dtype``, ``--device``, ``--enable-return-routed-experts``,
 ``--max-running-requests``, ``--max-prefill-tokens``, ``--context-length``,
 ``--random-seed``, ``--weight-version``, ``--log-level``); other SGLang flags are accepted and
-reported as ignored in one log line. ``--torch-num-threads`` is ours.
+reported as ignored in one log line. ``--torch-num-threads``, ``--max-body-bytes``,
+``--body-timeout`` and ``--limit-concurrency`` are ours.
 
 Weight updates run between two engine steps; requests in flight continue on the new weights
 with the keys/values they already cached (SGLang's in-place pause/update/continue). The
@@ -75,9 +86,13 @@ from typing import Any
 import orjson
 import torch
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mopd.inference.protocol import encode_routed_experts
 from rollout.engine import (
@@ -89,6 +104,7 @@ from rollout.engine import (
     SessionParams,
 )
 from rollout.engine import Request as EngineRequest
+from rollout.engine.requests import check_submitted
 
 __all__ = ["build_app", "main", "output_to_sglang", "parse_args"]
 
@@ -97,6 +113,18 @@ logger = logging.getLogger("rollout.server")
 VERSION = "embedded-0.1 (SGLang 0.5.23 HTTP API)"
 KEEP_ALIVE_S = 60
 """Seconds an idle client connection stays open (uvicorn's default is 5)."""
+MAX_BODY_BYTES = 64 << 20
+"""Largest request body accepted (``--max-body-bytes``); larger ones answer 413."""
+BODY_TIMEOUT_S = 60.0
+"""Seconds a client has to send a whole request body (``--body-timeout``); then 408."""
+LIMIT_CONCURRENCY = 4096
+"""Connections and requests at once (uvicorn's ``limit_concurrency``); beyond it 503."""
+MAX_HEADER_BYTES = 16 << 10
+"""Request line and headers at most (uvicorn's ``h11_max_incomplete_event_size``; h11's default)."""
+MAX_SEQUENCES = 16384
+"""Most sequences one ``/generate`` may ask for (prompts x ``n``)."""
+_MAX_ERRORS = 8  # validation errors named in one message (the rest are counted)
+_MAX_PART = 200  # characters of one of them
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,6 +137,9 @@ class _Body(BaseModel):
 
 
 class GenerateReqInput(_Body):
+    # Strict: a boolean is not a token id, "5" is not an integer, "yes" is not true.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
     input_embeds: Any = None
@@ -180,6 +211,87 @@ def _error(message: str, status: int = 400) -> JSONResponse:
     return JSONResponse({"error": {"message": message}}, status_code=status)
 
 
+def _invalid(parts: list[str]) -> JSONResponse:
+    """SGLang's validation error body, naming at most ``_MAX_ERRORS`` problems."""
+    shown = [p if len(p) <= _MAX_PART else p[: _MAX_PART - 3] + "..." for p in parts[:_MAX_ERRORS]]
+    if len(parts) > _MAX_ERRORS:
+        shown.append(f"and {len(parts) - _MAX_ERRORS} more errors")
+    body = {
+        "object": "error",
+        "message": "Invalid request: " + "; ".join(shown),
+        "type": "Bad Request",
+        "param": None,
+        "code": 400,
+    }
+    return JSONResponse(body, status_code=400)
+
+
+def _too_large(max_bytes: int) -> JSONResponse:
+    return _error(
+        f"the request body is larger than this server accepts ({max_bytes} bytes, "
+        "--max-body-bytes)",
+        413,
+    )
+
+
+class BodyLimits:
+    """ASGI middleware: a request body is at most ``max_bytes`` and arrives within
+    ``timeout_s`` seconds, or the request is answered without reaching the app.
+
+    A slow sender (a byte a second) would otherwise hold its handler, and the memory of what
+    it sent, for as long as it likes: neither uvicorn nor Starlette bounds the time a body
+    takes. The body is read here, whole, under one deadline (408 past it) and one size limit
+    (413: at once for a declared ``Content-Length`` over it, else once it grows past it; both
+    name the flag), then handed to the app; after it only a disconnect can come.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await _too_large(self.max_bytes)(scope, receive, send)
+            return
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":  # the client went away
+                        return
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        await _too_large(self.max_bytes)(scope, receive, send)
+                        return
+                    chunks.append(chunk)
+                    if not message.get("more_body"):
+                        break
+        except TimeoutError:
+            message = (
+                f"the request body did not arrive within {self.timeout_s:g} s (--body-timeout)"
+            )
+            await _error(message, 408)(scope, receive, send)
+            return
+        body = b"".join(chunks)
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if delivered:
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
 # ---------------------------------------------------------------------------------------------
 # Normalisation (GenerateReqInput.normalize_batch_and_arguments) and response building
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +329,7 @@ def normalize(obj: GenerateReqInput, engine: Engine) -> tuple[bool, list[EngineR
     if obj.text is not None:
         is_single = isinstance(obj.text, str)
         texts = [obj.text] if is_single else list(obj.text)
+        _check_batch_size(len(texts), 1)
         prompts = [engine.tokenizer.encode(t) for t in texts]
     else:
         ids = obj.input_ids
@@ -224,12 +337,14 @@ def normalize(obj: GenerateReqInput, engine: Engine) -> tuple[bool, list[EngineR
             raise RequestError("input_ids cannot be empty.")
         is_single = len(ids) == 0 or not isinstance(ids[0], list)
         prompts = [list(ids)] if is_single else [list(p) for p in ids]
+        _check_batch_size(len(prompts), 1)
     num = len(prompts)
     if num == 0:
         raise RequestError("the batch is empty")
     raw_params = _per_item(obj.sampling_params, num, "sampling_params", {})
     params = [SamplingParams.from_dict(p) for p in raw_params]
     n = params[0].n
+    _check_batch_size(num, n)
     if session is not None and (num != 1 or n != 1):
         raise RequestError("session_params takes one prompt and n=1 (one turn per request)")
     if any(p.n != n for p in params):
@@ -242,6 +357,9 @@ def normalize(obj: GenerateReqInput, engine: Engine) -> tuple[bool, list[EngineR
                 "The specified rids length mismatch with the batch_size for batch processing."
             )
         rids = list(obj.rid)
+        if len(set(rids)) != len(rids):
+            dup = next(r for r in rids if rids.count(r) > 1)
+            raise RequestError(f"Duplicate request ID detected in rid: {dup[:80]!r}")
     elif obj.rid is None:
         rids = [uuid.uuid4().hex for _ in range(num)]
     else:
@@ -266,7 +384,19 @@ def normalize(obj: GenerateReqInput, engine: Engine) -> tuple[bool, list[EngineR
                     session=session,
                 )
             )
+    # Every prompt is checked before any is submitted: a batch runs whole or not at all.
+    for req in requests[::n]:
+        check_submitted(req, engine.limits)
     return is_single and n == 1, requests
+
+
+def _check_batch_size(num: int, n: int) -> None:
+    if num * n > MAX_SEQUENCES:
+        what = f"{num} prompts" if n == 1 else f"{num} prompts x n={n}"
+        raise RequestError(
+            f"the request asks for {what} = {num * n} sequences; one /generate takes at most "
+            f"{MAX_SEQUENCES} (sampling_params.n, or split the batch)"
+        )
 
 
 def _triples(entries, tokenizer, with_text: bool) -> list[tuple[float | None, int, str | None]]:
@@ -372,8 +502,17 @@ def decode_named_tensors(
 # ---------------------------------------------------------------------------------------------
 
 
-def build_app(engine: Engine, server_args: dict[str, Any] | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine`` (started or not: it is started on app startup)."""
+def build_app(
+    engine: Engine,
+    server_args: dict[str, Any] | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    body_timeout_s: float = BODY_TIMEOUT_S,
+) -> FastAPI:
+    """The FastAPI app serving ``engine`` (started or not: it is started on app startup).
+
+    ``max_body_bytes``: larger request bodies answer 413; ``body_timeout_s``: a body not
+    received whole in that time answers 408.
+    """
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -385,40 +524,52 @@ def build_app(engine: Engine, server_args: dict[str, Any] | None = None) -> Fast
             engine.shutdown()
 
     app = FastAPI(title="mopd embedded engine (SGLang HTTP API)", lifespan=lifespan)
+    app.add_middleware(BodyLimits, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
     server_args = dict(server_args or {})
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []
-        for err in errors:
+        for err in exc.errors():
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
             if err.get("type") == "json_invalid":
                 parts.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', '')})")
             elif not loc and err.get("type") in ("model_attributes_type", "dict_type"):
-                parts.append("the body must be a JSON object")
+                kind = request.headers.get("content-type")
+                if kind is None or "json" not in kind:
+                    parts.append(
+                        "the body must be JSON sent with content-type application/json, "
+                        f"got content-type {kind!r}"
+                    )
+                else:
+                    parts.append("the body must be a JSON object")
             else:
                 parts.append(f"{loc or 'body'}: {err.get('msg')}")
-        message = "Invalid request: " + "; ".join(parts)
-        return JSONResponse(
-            {
-                "object": "error",
-                "message": message,
-                "type": "Bad Request",
-                "param": None,
-                "code": 400,
-            },
-            status_code=400,
-        )
+        return _invalid(parts)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's json.loads failed on something other than a syntax error.
+            cause = exc.__cause__
+            if isinstance(cause, RecursionError):
+                reason = "it is nested too deeply"
+            elif isinstance(cause, UnicodeDecodeError):
+                reason = "it is not UTF-8"
+            else:
+                reason = f"{type(cause).__name__}: {cause}"[:_MAX_PART]
+            return _invalid([f"the body is not valid JSON ({reason})"])
+        return await http_exception_handler(request, exc)
 
     async def _run(reqs: list[EngineRequest]) -> list[Output]:
-        futures = [engine.submit(r) for r in reqs]
+        futures = await run_in_threadpool(lambda: [engine.submit(r) for r in reqs])
         return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
 
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(obj: GenerateReqInput):
         try:
-            is_single, reqs = normalize(obj, engine)
+            # Off the event loop: tokenizing a large batch must not stall other connections.
+            is_single, reqs = await run_in_threadpool(normalize, obj, engine)
             outs = await _run(reqs)
         except RequestError as exc:
             logger.info("[http_server] Error: %s", exc)
@@ -629,6 +780,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--log-level", default="info")
     p.add_argument("--torch-num-threads", type=int, default=None, help="(ours) torch CPU threads")
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=MAX_BODY_BYTES,
+        help="(ours) largest request body accepted; larger ones answer 413",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=BODY_TIMEOUT_S,
+        help="(ours) seconds a client has to send a whole request body; then 408",
+    )
+    p.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=LIMIT_CONCURRENCY,
+        help="(ours) connections and requests at once (uvicorn); beyond it 503",
+    )
     return p.parse_known_args(argv)
 
 
@@ -664,7 +833,7 @@ def main(argv: list[str] | None = None) -> None:
     server_args = {k: v for k, v in vars(args).items()}
     server_args["device"] = device
     server_args["served_model_name"] = args.served_model_name or args.model_path
-    app = build_app(engine, server_args)
+    app = build_app(engine, server_args, args.max_body_bytes, args.body_timeout)
     # Idle keep-alive connections live longer than the clients keep them (ClientConfig.
     # keepalive_expiry_s), so the client, never the server, closes an idle connection.
     uvicorn.run(
@@ -673,6 +842,8 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port,
         log_level=args.log_level.lower(),
         timeout_keep_alive=KEEP_ALIVE_S,
+        limit_concurrency=args.limit_concurrency,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
 
 
