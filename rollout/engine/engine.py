@@ -526,13 +526,21 @@ class Engine:
         """Admit waiting sequences and prefill them: plan, forward, record."""
         free = self.cache.num_slots - len(self._running)
         batch, longest = take_batch(self._waiting, free, self.config.max_prefill_tokens)
-        params = self._batch_params(batch)
-        step = plan_prefill(
-            batch, longest, len(self._running), params, self.cache, self.masks, self.context_len
-        )
-        hidden_BQH, routes_BQLk = self._run_model(
-            step.ids_BQ, step.pos_BQ, step.plan, step.masks, params.routes
-        )
+        try:
+            params = self._batch_params(batch)
+            step = plan_prefill(
+                batch, longest, len(self._running), params, self.cache, self.masks, self.context_len
+            )
+            hidden_BQH, routes_BQLk = self._run_model(
+                step.ids_BQ, step.pos_BQ, step.plan, step.masks, params.routes
+            )
+        except Exception as exc:
+            # The batch has left the waiting queue but is not running yet: the loop's handler
+            # would not see it, and its callers would wait forever.
+            for seq in batch:
+                if not seq.future.done():
+                    seq.future.set_exception(exc)
+            raise
         self._record_prefill(step, hidden_BQH, routes_BQLk)
 
     def _record_prefill(

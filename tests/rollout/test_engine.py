@@ -335,3 +335,24 @@ def test_shutdown_lets_the_model_be_collected(tiny_ckpts):
     del engine
     gc.collect()
     assert router() is None
+
+
+def test_a_failed_prefill_fails_its_batch_and_the_engine_keeps_serving(tiny_ckpts):
+    engine = make_engine(tiny_ckpts["mimo"], max_running_requests=4)
+    failures = [RuntimeError("injected prefill failure")]
+
+    def fail_once(_module, _args):
+        if failures:
+            raise failures.pop()
+
+    hook = engine.base.register_forward_pre_hook(fail_once)
+    try:
+        batch = [engine.submit(Request(tuple(p), sp(max_new_tokens=3))) for p in PROMPTS[:2]]
+        for future in batch:  # taken from the waiting queue, never running: must not hang
+            with pytest.raises(RuntimeError, match="injected prefill failure"):
+                future.result(30)
+        out = engine.generate([Request(tuple(PROMPTS[1]), sp(max_new_tokens=3))], timeout=30)
+    finally:
+        hook.remove()
+        engine.shutdown()
+    assert len(out[0].output_ids) == 3 and out[0].finish_reason["type"] == "length"
