@@ -68,6 +68,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -376,6 +377,20 @@ class _Over(Exception):
     """A measuring walk passed a limit: the rest need not be counted."""
 
 
+def _visit(cursor: _Cursor, scan: Callable[[], list[str]]) -> None:
+    """Every directory from the cursor's down, depth-first without recursion: ``scan`` does its
+    work in the cursor's directory and returns that directory's subdirectories."""
+    levels = [scan()]  # per depth, the subdirectories still to visit
+    while levels:
+        if levels[-1]:
+            cursor.down(levels[-1].pop())
+            levels.append(scan())
+        else:
+            levels.pop()
+            if levels:
+                cursor.up()
+
+
 def _measure(top: Path, max_bytes: int, max_inodes: int) -> DiskUsage:
     """What ``top`` holds (see ``DiskUsage``); stops as soon as either limit is exceeded, so a
     flood of entries costs the host at most ``max_inodes`` stat calls."""
@@ -405,15 +420,7 @@ def _measure(top: Path, max_bytes: int, max_inodes: int) -> DiskUsage:
         return subdirs
 
     try:
-        levels = [scan()]  # per depth, the subdirectories still to visit
-        while levels:
-            if levels[-1]:
-                cursor.down(levels[-1].pop())
-                levels.append(scan())
-            else:
-                levels.pop()
-                if levels:
-                    cursor.up()
+        _visit(cursor, scan)
     except _Over:
         return DiskUsage(bytes=total, inodes=inodes, complete=False)
     finally:
@@ -476,15 +483,7 @@ def _chown_tree(top: Path, uid: int) -> None:
         return subdirs
 
     try:
-        levels = [scan()]
-        while levels:
-            if levels[-1]:
-                cursor.down(levels[-1].pop())
-                levels.append(scan())
-            else:
-                levels.pop()
-                if levels:
-                    cursor.up()
+        _visit(cursor, scan)
     finally:
         cursor.close()
 

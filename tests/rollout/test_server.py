@@ -7,13 +7,7 @@ import base64
 import dataclasses
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from multiprocessing.reduction import ForkingPickler
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -30,26 +24,16 @@ from mopd.inference.protocol import (
 )
 from rollout.engine import Engine, EngineConfig
 from rollout.server import build_app, parse_args
+from tests.rollout.conftest import running_server
 
-REPO = Path(__file__).resolve().parents[2]
 PROMPT = list(range(40, 60))  # 20 tokens: longer than the tiny MiMo's sliding window (8)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpts, tmp_path_factory):
     """A real ``python -m rollout.server`` subprocess on a free loopback port."""
-    port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [
-        sys.executable, "-m", "rollout.server",
-        "--model-path", str(tiny_ckpts["mimo"]),
-        "--port", str(port),
+    args = [
         "--dtype", "float32",
         "--enable-return-routed-experts",
         "--max-running-requests", "8",
@@ -57,30 +41,8 @@ def server(tiny_ckpts, tmp_path_factory):
         "--torch-num-threads", "1",
         "--tp-size", "1", "--mem-fraction-static", "0.8",  # SGLang flags we ignore
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise TimeoutError(log.read_text()[-3000:])
-            time.sleep(0.3)
+    with running_server(tiny_ckpts["mimo"], args, log) as (base, _):
         yield base, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_subprocess_server_returns_samples_logprobs_and_routes(server, reference):

@@ -9,13 +9,9 @@ with nothing left running. One real server subprocess for the module.
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -23,8 +19,8 @@ import torch
 
 from rollout.engine import Engine, EngineConfig, Request, RequestError, SamplingParams
 from rollout.engine.requests import RequestLimits, validate
+from tests.rollout.conftest import running_server
 
-REPO = Path(__file__).resolve().parents[2]
 PROMPT = [40, 41, 42, 43]
 BODY_TIMEOUT_S = 2.0
 MAX_BODY_BYTES = 4_000_000
@@ -32,21 +28,11 @@ ANSWER_WITHIN_S = 5.0  # every bad request is answered within this
 MAX_MESSAGE = 2000  # characters of an error message at most
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_ckpts, tmp_path_factory):
     """A real server on loopback with a small body limit and a short body deadline."""
-    port = _free_port()
     log = tmp_path_factory.mktemp("hostile") / "server.log"
-    cmd = [
-        sys.executable, "-m", "rollout.server",
-        "--model-path", str(tiny_ckpts["mimo"]),
-        "--port", str(port),
+    args = [
         "--dtype", "float32",
         "--enable-return-routed-experts",
         "--max-running-requests", "4",
@@ -54,30 +40,8 @@ def server(tiny_ckpts, tmp_path_factory):
         "--max-body-bytes", str(MAX_BODY_BYTES),
         "--body-timeout", str(BODY_TIMEOUT_S),
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise TimeoutError(log.read_text()[-3000:])
-            time.sleep(0.3)
+    with running_server(tiny_ckpts["mimo"], args, log) as (base, port):
         yield base, log, port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _sp(**params) -> dict:

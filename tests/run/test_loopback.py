@@ -18,6 +18,7 @@ from mopd.config import load_config
 from mopd.models.tiny import build_tiny_checkpoint
 from mopd.run.services import Services
 from mopd.run.state import RunPaths
+from tests.run.conftest import sum_sft_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -47,28 +48,7 @@ def test_every_socket_of_a_local_run_listens_on_loopback(tmp_path: Path):
     student = build_tiny_checkpoint(models / "student", "qwen3_moe", seed=0)
     # A run folder too deep for a unix socket: the embedded Redis takes loopback TCP.
     out = tmp_path / ("d" * 60) / ("e" * 60) / "run"
-    cfg = {
-        "run": {"name": "loopback", "output_dir": str(out)},
-        "model": {"path": str(student), "dtype": "float32"},
-        "rollout": {"max_running_requests": 4, "sampling": {"max_new_tokens": 4}},
-        "data": {
-            "sources": [
-                {
-                    "name": "sum",
-                    "domain": "arithmetic",
-                    "generator": "chain_sum",
-                    "generator_args": {"min_terms": 2, "max_terms": 2, "max_digits": 1},
-                    "reward": "reasoning_gym",
-                    "group_size": 2,
-                    "dynamic_sampling": False,
-                }
-            ]
-        },
-        "algorithm": {"loss": "sft"},
-        "trainer": {"steps": 1},
-        "tracking": {"enabled": False},
-        "cluster": {"num_cpus": 2},
-    }
+    cfg = sum_sft_config(out, student, run={"name": "loopback", "output_dir": str(out)})
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     run_cfg = load_config(path)

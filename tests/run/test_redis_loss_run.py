@@ -28,6 +28,7 @@ from mopd.run.ledger import read_audit_log
 from mopd.run.state import RunPaths
 from mopd.scheduler.redis_server import EmbeddedRedis
 from mopd.scheduler.stream import TrainingStream
+from tests.run.conftest import sum_sft_config
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -36,30 +37,15 @@ PASSWORD = "kill-test-s3cret"
 
 def _config(tmp_path: Path, out: Path, steps: int, **scheduler) -> Path:
     student = build_tiny_checkpoint(tmp_path / "student", "qwen3_moe", seed=0)
-    cfg = {
-        "run": {"name": out.name, "output_dir": str(out), "eval_every": 0},
-        "model": {"path": str(student), "dtype": "float32"},
-        "rollout": {"max_running_requests": 4, "sampling": {"max_new_tokens": 2}},
-        "data": {
-            "sources": [
-                {
-                    "name": "sum",
-                    "domain": "arithmetic",
-                    "generator": "chain_sum",
-                    "generator_args": {"min_terms": 2, "max_terms": 2, "max_digits": 1},
-                    "reward": "reasoning_gym",
-                    "group_size": 2,
-                    "num_eval_prompts": 2,
-                    "dynamic_sampling": False,
-                }
-            ]
-        },
-        "algorithm": {"loss": "sft"},
-        "scheduler": {"prompts_per_step": 2, **scheduler},
-        "trainer": {"steps": steps, "checkpoint_every": 1, "micro_batch_tokens": 64},
-        "tracking": {"enabled": False},
-        "cluster": {"num_cpus": 2},
-    }
+    cfg = sum_sft_config(
+        out,
+        student,
+        run={"name": out.name, "output_dir": str(out), "eval_every": 0},
+        rollout={"max_running_requests": 4, "sampling": {"max_new_tokens": 2}},
+        scheduler={"prompts_per_step": 2, **scheduler},
+        trainer={"steps": steps, "checkpoint_every": 1, "micro_batch_tokens": 64},
+    )
+    cfg["data"]["sources"][0]["num_eval_prompts"] = 2
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
