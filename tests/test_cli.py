@@ -116,6 +116,18 @@ def test_train_refuses_before_any_service_starts(tmp_path: Path):
     assert not (out / "resolved_config.yaml").exists()
 
 
+def test_train_refuses_a_dashboard_url_before_any_service_starts(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = tmp_path / "o"
+    result = mopd(
+        "train", str(RUN_CONFIG), f"run.output_dir={out}", "cluster.address=http://head:8265"
+    )
+    assert result.returncode == 1, result.stderr
+    assert "is a dashboard URL, which `mopd submit` uses" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (out / "mlflow.db").exists() and not (out / "redis").exists()
+
+
 def test_train_refuses_an_unknown_reward_before_writing(tmp_path: Path):
     out = tmp_path / "o"
     result = mopd("train", str(CLUSTER), f"run.output_dir={out}", "data.sources.0.reward=nope")

@@ -408,14 +408,14 @@ def test_entrypoint_quotes_overrides_and_pip_requirements_reach_ray(work):
 
     (work / "requirements.txt").write_text("pyyaml\nsafetensors>=0.4\n")
     cfg = work / "quickstart.yaml"
-    overrides = ['rollout.sampling.stop=["</s>"]', "run.name=my run"]
+    overrides = ['rollout.sampling.stop=["</s>"]', "tracking.experiment=team a"]
     sub = build_submission(
         load_config(cfg, overrides), cfg, overrides, pip_requirements="requirements.txt"
     )
     assert sub.entrypoint == (
-        "mopd train quickstart.yaml 'rollout.sampling.stop=[\"</s>\"]' 'run.name=my run'"
+        "mopd train quickstart.yaml 'rollout.sampling.stop=[\"</s>\"]' 'tracking.experiment=team a'"
     )
-    assert sub.metadata == {"mopd_run": "my run", "mopd_config": "quickstart.yaml"}
+    assert sub.metadata == {"mopd_run": "quickstart", "mopd_config": "quickstart.yaml"}
     # Ray reads the file at submission; what it will install:
     pip = RuntimeEnv(pip=sub.runtime_env["pip"]).pip_config()
     assert pip["packages"] == ["pyyaml", "safetensors>=0.4"]

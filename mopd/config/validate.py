@@ -465,13 +465,9 @@ def _check_tracking_cluster(run: RunConfig, p: _Problems) -> None:
     if t.register_model is not None:
         p.name("tracking.register_model", t.register_model)
     c = run.cluster
-    if c.address is not None and c.address.startswith(("http://", "https://")):
-        p.add(
-            "cluster.address",
-            f"{short(c.address)} is a dashboard URL, which `mopd submit` uses; to run the "
-            "driver against that cluster set the GCS address (host:6379) or 'auto'",
-        )
-    elif c.address is not None and not c.address.strip():
+    # An http(s) address is the dashboard `mopd submit` sends the job to; the driver
+    # refuses it itself when it is started outside a Ray job (RunServices.check_cluster).
+    if c.address is not None and not c.address.strip():
         p.add("cluster.address", "empty; unset it for a local Ray, or name the cluster (auto)")
     for key, host in (("cluster.bind_host", c.bind_host), ("rollout.host", run.rollout.host)):
         if not host.strip() or "/" in host or any(ch.isspace() for ch in host):

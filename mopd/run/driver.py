@@ -90,6 +90,7 @@ class Driver:
             )
         # What needs files (model folders, registry URIs, tokenizers, data sources and their
         # generator arguments) is checked before the first service (MLflow, Redis, Ray) starts.
+        services.check_cluster()
         services.resolve_models()
         self.scheduler = DataScheduler(
             cfg.data.sources,

@@ -157,12 +157,29 @@ class Services:
                 self._processes["redis"] = pid
                 write_json_atomic(self.paths.logs / "processes.json", self._processes)
 
+    def check_cluster(self) -> None:
+        """Refuse, before any service starts, a Ray address this driver cannot join: a
+        dashboard URL is for `mopd submit`, whose job then finds the cluster in
+        $RAY_ADDRESS."""
+        c = self.cfg.cluster
+        if (
+            c.address is not None
+            and c.address.startswith(("http://", "https://"))
+            and "RAY_ADDRESS" not in os.environ
+        ):
+            raise RunError(
+                f"cluster.address={c.address!r} is a dashboard URL, which `mopd submit` uses; "
+                "to run the driver here against that cluster, set it to the GCS address "
+                "(host:6379) or 'auto'"
+            )
+
     def start_ray(self) -> None:
         import ray
 
         c = self.cfg.cluster
         if ray.is_initialized():
             return
+        self.check_cluster()
         if c.address is None and "RAY_ADDRESS" not in os.environ:
             with _ray_node_ip(c.bind_host):
                 ray.init(
@@ -176,12 +193,6 @@ class Services:
                 )
         elif "RAY_ADDRESS" in os.environ:
             ray.init()  # inside a Ray job (mopd submit): RAY_ADDRESS names the cluster
-        elif c.address.startswith(("http://", "https://")):
-            raise RunError(
-                f"cluster.address={c.address!r} is a dashboard URL, which `mopd submit` uses; "
-                "to run the driver here against that cluster, set it to the GCS address "
-                "(host:6379) or 'auto'"
-            )
         else:
             ray.init(address=c.address)
         self.stack.callback(ray.shutdown)

@@ -140,9 +140,10 @@ def test_distributed_weight_sync_is_refused_at_validation():
     assert problem.startswith("rollout.weight_sync:") and "not available" in problem
 
 
-def test_dashboard_url_as_cluster_address_is_refused_at_validation():
-    (problem,) = problems("cluster.address=http://head:8265")
-    assert problem.startswith("cluster.address:") and "dashboard" in problem
+def test_dashboard_url_as_cluster_address_is_for_submit():
+    """A dashboard URL is what `mopd submit` sends the job to, so the config validates; the
+    driver started outside a Ray job refuses it (tests/test_cli.py)."""
+    accepted("cluster.address=http://head:8265")
 
 
 # ------------------------------------------------------------------ item 5: broken input
