@@ -8,10 +8,10 @@ plugged in through the layer specs of ``trainer.megatron.model``, take it from t
 - ``PackedCoreAttention``: causal attention over packed sequences (Megatron's ``PackedSeqParams``
   THD format: sequences back to back, ``cu_seqlens`` boundaries, positions restart per
   sequence), with an optional sliding window and learnable sink logits. Megatron's local
-  ``DotProductAttention`` refuses packed input and builds its masks on CUDA; this one runs the
-  same math through ``F.scaled_dot_product_attention`` per sequence on any device. A sink is an
-  extra key with logit ``sink_h`` and a zero value: softmax over [scores, sink], sink dropped,
-  exactly the HF eager attention.
+  ``DotProductAttention`` refuses packed input and builds its masks on CUDA; this one runs
+  ``trainer.sink_attention`` (FlexAttention with a block mask on CUDA, the sink folded in
+  through its log-sum-exp; the dense formula elsewhere): softmax over [scores, sink], sink
+  dropped, exactly the HF eager attention, with no loop over sequences.
 - ``HybridSelfAttention``: Megatron's ``SelfAttention`` with a per-layer config copy (KV heads,
   q/k head dim), a fused QKV of per-group [q..., k, v] blocks whose v part has its own head dim,
   the value scale, and its own rotary embedding.
@@ -25,29 +25,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from itertools import pairwise
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 from trainer.megatron.layout import AttentionLayout
+from trainer.sink_attention import sink_window_attention
 
 __all__ = ["HybridSelfAttention", "PackedCoreAttention"]
-
-
-def _window_bias(S: int, window: int | None, device: torch.device, dtype: torch.dtype):
-    """[S, S] additive mask: 0 where key j is visible from query i (j <= i, i - j < window)."""
-    i = torch.arange(S, device=device)[:, None]
-    j = torch.arange(S, device=device)[None, :]
-    visible = j <= i
-    if window is not None:
-        visible = visible & (i - j < window)
-    bias = torch.zeros(S, S, device=device, dtype=dtype)
-    return bias.masked_fill(~visible, float("-inf"))
 
 
 class PackedCoreAttention(torch.nn.Module):
@@ -95,27 +83,16 @@ class PackedCoreAttention(torch.nn.Module):
                 torch.nn.init.normal_(self.sinks, std=config.init_method_std)
             tensor_parallel.set_tensor_model_parallel_attributes(self.sinks, True, 0, 1)
 
-    def _attend(self, q_Shd: torch.Tensor, k_Sgd: torch.Tensor, v_Sge: torch.Tensor):
-        """One sequence: q [S, h, d], k [S, g, d], v [S, g, e] -> [S, h * e]."""
-        S, h = q_Shd.shape[0], self.num_heads
-        rep = h // self.num_groups
-        # [1, h, S, d]: the 4-D layout the fused SDPA kernels take.
-        q = q_Shd.transpose(0, 1)[None]
-        k = k_Sgd.transpose(0, 1).repeat_interleave(rep, dim=0)[None]
-        v = v_Sge.transpose(0, 1).repeat_interleave(rep, dim=0)[None]
-        if self.sinks is None and self.layout.window is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
-        else:
-            bias = _window_bias(S, self.layout.window, q.device, q.dtype)[None, None]
-            if self.sinks is not None:
-                # The sink: one more key whose logit is sink_h for every query and whose value
-                # is 0, so it only enlarges the softmax denominator.
-                k = torch.cat([k, k.new_zeros(1, h, 1, k.shape[-1])], dim=2)
-                v = torch.cat([v, v.new_zeros(1, h, 1, v.shape[-1])], dim=2)
-                sink = self.sinks.to(q.dtype).view(1, h, 1, 1).expand(1, h, S, 1)
-                bias = torch.cat([bias.expand(1, h, S, S), sink], dim=-1)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.softmax_scale)
-        return o[0].transpose(0, 1).reshape(S, -1)
+    def _attend(self, q_BhSd, k_BgSd, v_BgSe, cu_seqlens=None) -> torch.Tensor:
+        return sink_window_attention(
+            q_BhSd,
+            k_BgSd,
+            v_BgSe,
+            scale=self.softmax_scale,
+            window=self.layout.window,
+            sinks=self.sinks,
+            cu_seqlens=cu_seqlens,
+        )
 
     def forward(
         self,
@@ -130,13 +107,15 @@ class PackedCoreAttention(torch.nn.Module):
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by PackedCoreAttention")
         if packed_seq_params is not None:
-            # THD: [N, h, d]; sequences delimited by cu_seqlens.
+            # THD [N, h, d]: one row of sequences delimited by cu_seqlens.
+            N = query.shape[0]
             cu = packed_seq_params.cu_seqlens_q.tolist()
-            outs = [self._attend(query[s:e], key[s:e], value[s:e]) for s, e in pairwise(cu)]
-            return torch.cat(outs, dim=0)
-        # SBHD: [S, B, h, d]; each batch column is one sequence.
-        outs = [self._attend(query[:, b], key[:, b], value[:, b]) for b in range(query.shape[1])]
-        return torch.stack(outs, dim=1)
+            o = self._attend(*(t.transpose(0, 1)[None] for t in (query, key, value)), cu)
+            return o[0].transpose(0, 1).reshape(N, -1)
+        # SBHD [S, B, h, d]: each batch column is one sequence.
+        S, B = query.shape[:2]
+        o = self._attend(*(t.permute(1, 2, 0, 3) for t in (query, key, value)))
+        return o.permute(2, 0, 1, 3).reshape(S, B, -1)
 
 
 class HybridSelfAttention(SelfAttention):
