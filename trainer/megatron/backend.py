@@ -304,7 +304,7 @@ class MegatronTrainer:
     def _logits(self, b: PackedBatch) -> torch.Tensor:
         """[N, V] logits of the real tokens (vocabulary and TP padding cut off)."""
         logits = mmodel.packed_forward(self.model, b.tokens_N, b.cu_B1)
-        return logits[: b.num_tokens, : self.layout.vocab_size].float()
+        return logits[: b.num_tokens, : self.layout.vocab_size]
 
     @torch.no_grad()
     def compute_logprobs(self, micro_batches: Sequence[MicroBatch]) -> list[np.ndarray]:
