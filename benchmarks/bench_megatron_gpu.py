@@ -28,7 +28,7 @@ FLOPs, counted per step from the actual micro-batches (multiply-add = 2 FLOPs):
 MFU = training FLOPs per second / ``--peak-tflops`` (default 790, the H200's measured dense
 bf16 peak).
 
-    GPU:   python benchmarks/bench_megatron_gpu.py [--steps 8] [--experts grouped]
+    GPU:   python benchmarks/bench_megatron_gpu.py [--model bench|prod] [--profile]
     CPU:   python benchmarks/bench_megatron_gpu.py --tiny --device cpu
 """
 
@@ -90,6 +90,23 @@ BENCH: dict[str, Any] = {
     "initializer_range": 0.02,
     "tie_word_embeddings": False,
     "attention_bias": False,
+}
+
+# A slice of the production model with its real per-layer dimensions (MiMo-V2-Flash: hidden
+# 4096, 64 query heads, 4 KV heads (8 in sliding layers), q/k head dim 192, v 128, window 128
+# with sinks, dense intermediate 16384, moe_intermediate 2048, top-8 of a sigmoid router, the
+# 152k vocabulary): four layers, the first global and dense, and 32 experts per MoE layer, the
+# per-GPU share of 256 experts at expert parallelism 8 (what one GPU holds with its optimizer).
+PROD: dict[str, Any] = BENCH | {
+    "hidden_size": 4096,
+    "intermediate_size": 16384,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 4,
+    "n_routed_experts": 32,
+    "layer_types": ["full_attention"] + ["sliding_attention"] * 3,
+    "mlp_layer_types": ["dense"] + ["sparse"] * 3,
 }
 
 # The same recipe at test size (the tiny MiMo-V2-Flash of mopd.models.tiny).
@@ -247,9 +264,61 @@ def micro_batches(trainer: Any, layout: Any, args: argparse.Namespace, step_seed
     return result
 
 
+def profile_step(trainer: Any, mbs: list, top: int = 15) -> dict[str, Any]:
+    """One step under torch.profiler: its wall time, the time of all CUDA kernels, the ``top``
+    kernels by time with their share of kernel time, and the ``top`` CPU-side operators by
+    self time (what keeps the GPU waiting when kernels are far below the wall)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        trainer.forward_backward(mbs)
+        trainer.optim_step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    averages = prof.key_averages()
+    kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in kernels) or 1.0
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    cpu = sorted(
+        (e for e in averages if e.device_type == DeviceType.CPU),
+        key=lambda e: e.self_cpu_time_total,
+        reverse=True,
+    )
+    return {
+        "wall_ms": wall * 1e3,  # profiled: slower than the timed steps
+        "kernel_ms": total / 1e3,
+        "kernels": [
+            {
+                "name": e.key,
+                "cuda_ms": e.self_device_time_total / 1e3,
+                "calls": e.count,
+                "share": e.self_device_time_total / total,
+            }
+            for e in kernels[:top]
+        ],
+        "cpu_ops": [
+            {"name": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "calls": e.count}
+            for e in cpu[:top]
+        ],
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tiny", action="store_true", help="test-size model (CPU smoke run)")
+    ap.add_argument(
+        "--model",
+        choices=("bench", "prod", "tiny"),
+        default="bench",
+        help="bench: the 708M model; prod: a slice of the production shape (32k tokens/step)",
+    )
+    ap.add_argument("--tiny", action="store_true", help="same as --model tiny (CPU smoke run)")
+    ap.add_argument(
+        "--profile", action="store_true", help="profile one more step: the top CUDA kernels"
+    )
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -267,10 +336,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense peak")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
+    if args.tiny:
+        args.model = "tiny"
+    args.tiny = args.model == "tiny"
     if args.seq_len is None:
-        args.seq_len = 32 if args.tiny else 2048
+        args.seq_len = {"tiny": 32, "bench": 2048, "prod": 4096}[args.model]
     if args.seqs_per_micro_batch is None:
-        args.seqs_per_micro_batch = 4 if args.tiny else 8
+        args.seqs_per_micro_batch = {"tiny": 4, "bench": 8, "prod": 2}[args.model]
+    if args.model == "prod" and "--micro-batches" not in (argv or sys.argv):
+        args.micro_batches = 4  # 4 x 8k tokens: 32k per step
     if args.tiny:
         args.steps = min(args.steps, 3)
         args.warmup = min(args.warmup, 1)
@@ -288,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no GPU is visible; use --device cpu (with --tiny)")
-    config = dict(TINY if args.tiny else BENCH)
+    config = dict({"tiny": TINY, "bench": BENCH, "prod": PROD}[args.model])
     layout = layout_from_hf(config)
     bf16 = args.device == "cuda"
     t0 = time.perf_counter()
@@ -327,6 +401,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sync()
             if step >= args.warmup:
                 times.append(time.perf_counter() - start)
+        kernels = None
+        if args.profile and bf16:
+            mbs = micro_batches(trainer, layout, args, step_seed=args.warmup + args.steps)
+            kernels = profile_step(trainer, mbs)
         device_name = torch.cuda.get_device_name() if bf16 else "cpu"
         peak_mem = torch.cuda.max_memory_allocated() / 2**30 if bf16 else None
         experts_impl = trainer.experts
@@ -341,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     hw_flops = train_flops + (fwd["total"] if args.recompute else 0.0)
     active = active_params(layout)
     result = {
-        "model": "tiny" if args.tiny else "bench",
+        "model": args.model,
         "device": device_name,
         "params": n_params,
         "active_params_per_token": sum(active.values()),
@@ -360,6 +438,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peak_tflops": args.peak_tflops,
         "peak_memory_gib": peak_mem,
         "setup_s": {"checkpoint": t_ckpt, "trainer": t_build},
+        "top_kernels": kernels,
         "last_step": {
             k: metrics.get(k)
             for k in ("loss", "grad_norm", "route_agreement", "train_rollout_k3", "entropy")
@@ -375,6 +454,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f" {args.peak_tflops:.0f} TFLOP/s"
     )
     print("  " + json.dumps(result["last_step"]))
+    if kernels is not None:
+        print(f"  profiled step {kernels['wall_ms']:.1f} ms, kernels {kernels['kernel_ms']:.1f} ms")
+        for k in kernels["kernels"]:
+            print(f"  {k['share']:6.1%} {k['cuda_ms']:8.2f} ms {k['calls']:5d}x  {k['name'][:90]}")
+        print("  CPU self time:")
+        for k in kernels["cpu_ops"]:
+            print(f"  {k['self_cpu_ms']:8.2f} ms {k['calls']:6d}x  {k['name'][:90]}")
     if result["peak_memory_gib"] is not None:
         print(f"  peak memory {result['peak_memory_gib']:.1f} GiB")
     if args.json is not None:
