@@ -429,6 +429,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "routing_replay": not args.no_r3,
         "tokens_per_step": tokens,
         "step_time_s": step_time,
+        "step_times_s": times,
         "tokens_per_s": tokens / step_time,
         "train_tflop_per_step": train_flops / 1e12,
         "attention_share_of_flops": fwd["attention"] / fwd["total"],
