@@ -15,6 +15,10 @@ layers) and both belong to the same packed sequence. Two implementations of exac
   [S, S] mask (no per-sequence loop). Exact, and what runs on CPU, where FlexAttention has no
   backward, and for fp32 on CUDA.
 
+``register_hf_attention`` plugs the same function into transformers' attention interface for
+the torch backend's padded [B, T] micro-batches (sequences start at position 0, padding at the
+end: causal attention needs no padding mask for the real tokens).
+
 Shapes: q [B, h, S, d], k [B, g, S, d], v [B, g, S, e] (g KV heads shared by h / g query
 heads each, transformers' ``repeat_kv`` order), sinks [h], and for packed sequences their
 boundaries ``cu_seqlens`` (Python ints, Megatron's THD convention; B must be 1) -> out
@@ -29,7 +33,11 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["Impl", "sink_window_attention"]
+__all__ = ["HF_ATTENTION", "Impl", "register_hf_attention", "sink_window_attention"]
+
+HF_ATTENTION = "mopd_sink"
+"""The name under which ``register_hf_attention`` registers this attention with transformers
+(``attn_implementation="mopd_sink"``)."""
 
 Impl = Literal["auto", "flex", "math"]
 
@@ -163,3 +171,41 @@ def _flex(q, k, v, scale, window, sinks, cu, *, compiled: bool):
     out, lse = flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_lse=True)
     keep = torch.sigmoid(lse - sinks.to(lse.dtype).view(1, h, 1))  # Z / (Z + exp(sink))
     return out * keep.to(out.dtype)[..., None]
+
+
+# ---------------------------------------------------------------------- transformers
+
+
+def _hf_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function protocol: [B, h, S, d] in, ([B, S, h, e], None) out.
+    ``attention_mask`` is None: transformers builds none for a registered function without a
+    mask function, and right-padded rows need none."""
+    if dropout:
+        raise ValueError(f"{HF_ATTENTION} attention has no dropout (got {dropout})")
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(f"{HF_ATTENTION} attention is for training forwards (no KV cache)")
+    sinks = s_aux if s_aux is not None else getattr(module, "sinks", None)
+    out = sink_window_attention(
+        query, key, value, scale=scaling, window=sliding_window, sinks=sinks
+    )
+    return out.transpose(1, 2), None
+
+
+def register_hf_attention() -> str:
+    """Register ``sink_window_attention`` with transformers as ``HF_ATTENTION``; returns the
+    name to pass as ``attn_implementation``."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(HF_ATTENTION, _hf_attention)
+    return HF_ATTENTION

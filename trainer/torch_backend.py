@@ -98,12 +98,30 @@ from trainer.export import (
 from trainer.optim import build_optimizer, build_scheduler, step_metrics
 from trainer.r3_hooks import RoutingReplay
 from trainer.rng import load_rng_state, rng_file, save_rng_state
+from trainer.sink_attention import HF_ATTENTION, register_hf_attention
 
 # loss_count, loss_kwargs and resolve_dtype live in trainer.common; re-exported here, where
 # they were first public.
 __all__ = ["TorchTrainer", "loss_count", "loss_kwargs", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
+
+
+# Models whose transformers attention is exactly ``trainer.sink_attention`` (softmax over the
+# causal / sliding-window keys and an optional sink column; repeat_kv head groups) and whose
+# own choice on a GPU is the dense eager one.
+_SINK_ATTENTION_MODELS = frozenset({"mimo_v2_flash"})
+
+
+def _default_gpu_attention(path: Path) -> str | None:
+    """``HF_ATTENTION`` for the models it computes exactly, else None (transformers' choice)."""
+    import json
+
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+    return HF_ATTENTION if model_type in _SINK_ATTENTION_MODELS else None
 
 
 @dataclass(frozen=True)
@@ -127,7 +145,9 @@ class TorchTrainer:
         device: torch device; default ``cuda`` (this rank's GPU) if available, else ``cpu``.
         seed: seeds torch, numpy and python RNGs at start.
         gradient_checkpointing: recompute decoder layers in backward (R3 replays the same ids).
-        attn_implementation: override transformers' choice (e.g. ``eager``); None keeps it.
+        attn_implementation: override transformers' choice (e.g. ``eager``); None keeps it,
+            except on a GPU for MiMo-V2-Flash, which then runs ``trainer.sink_attention``
+            (FlexAttention, window-sized work) instead of the dense eager attention.
         export_max_shard_size: largest safetensors shard written by ``export_weights``.
     """
 
@@ -178,6 +198,10 @@ class TorchTrainer:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
+        if attn_implementation is None and self.device.type == "cuda":
+            attn_implementation = _default_gpu_attention(path)
+        if attn_implementation == HF_ATTENTION:
+            register_hf_attention()
         extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
         model = AutoModelForCausalLM.from_pretrained(
             str(path),

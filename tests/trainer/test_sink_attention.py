@@ -5,7 +5,8 @@ The ``math`` path is checked in fp64 against ``eager_attention_forward`` of
 packed sequences against the same attention run per sequence, and the ``flex`` formula
 (FlexAttention's out and lse, the sink folded in as ``sigmoid(lse - sink)``) against ``math``:
 on CPU forward only (FlexAttention has no CPU backward), on CUDA compiled, forward and every
-gradient (``-m gpu``)."""
+gradient (``-m gpu``); and the torch backend with it registered in transformers against its
+eager attention."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import pytest
 import torch
 from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import eager_attention_forward
 
-from trainer.sink_attention import sink_window_attention
+from mopd.packing import pack_micro_batches
+from tests.trainer.conftest import grads, load_hf, make_samples, max_diff
+from trainer.sink_attention import HF_ATTENTION, _hf_attention, sink_window_attention
 
 H, G, D, E = 4, 2, 12, 8  # query heads, KV heads, q/k head dim, v head dim (MiMo: d != e)
 
@@ -142,3 +145,33 @@ def test_compiled_flex_on_cuda_matches_math_forward_and_gradients(dtype, window)
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest absolute difference relative to the largest magnitude of the reference."""
     return (a.double() - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
+
+
+def test_the_torch_backend_with_sink_attention_equals_its_eager_attention(
+    tiny_models, make_trainer
+):
+    """``attn_implementation="mopd_sink"`` (the torch backend's GPU default for MiMo-V2-Flash)
+    on padded micro-batches of uneven sequences: the loss, the metrics and every gradient of
+    transformers' eager attention."""
+    path = tiny_models["mimo_v2_flash"]
+    samples = make_samples(load_hf(path), 6, seed=3)
+    (mbs,) = pack_micro_batches(samples, micro_batch_tokens=48)
+    runs = {}
+    for impl in ("eager", HF_ATTENTION):
+        trainer = make_trainer(path, trainer_kwargs={"attn_implementation": impl})
+        assert trainer.model.config._attn_implementation == impl
+        assert not trainer.packed  # padded [B, T] rows
+        runs[impl] = (trainer.forward_backward(mbs), grads(trainer.model))
+    (m_eager, g_eager), (m_sink, g_sink) = runs["eager"], runs[HF_ATTENTION]
+    assert max_diff(g_eager, g_sink) < 1e-6
+    for key in ("loss", "entropy", "train_rollout_k3", "teacher_log_ratio", "route_agreement"):
+        assert m_sink[key] == pytest.approx(m_eager[key], abs=1e-6), key
+
+
+def test_the_hf_adapter_refuses_dropout_and_a_kv_cache():
+    q, k, v, sinks = (t.detach() for t in _inputs(1, 5))
+    module = torch.nn.Module()
+    with pytest.raises(ValueError, match="no dropout"):
+        _hf_attention(module, q, k, v, None, scaling=1.0, dropout=0.1)
+    with pytest.raises(ValueError, match="no KV cache"):
+        _hf_attention(module, q[:, :, -1:], k, v, None, scaling=1.0, s_aux=sinks)
