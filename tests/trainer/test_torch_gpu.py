@@ -36,6 +36,13 @@ def _gpu_trainer(path, dtype="auto", model_dtype="auto", **cfg):
     )
 
 
+def _padded_rows(cu_seqlens_B1: np.ndarray) -> np.ndarray:
+    """The row of each packed token in the flat [B, T] batch the trainer runs."""
+    lengths = np.diff(cu_seqlens_B1)
+    T = int(lengths.max())
+    return np.concatenate([b * T + np.arange(n) for b, n in enumerate(lengths)])
+
+
 def test_bf16_step_with_replay(tiny_models):
     path = tiny_models["mimo_v2_flash"]
     samples = make_samples(load_hf(path), 6, seed=60)
@@ -47,9 +54,11 @@ def test_bf16_step_with_replay(tiny_models):
     m = trainer.forward_backward(mbs)
     seen.remove()
     for slot, layer in enumerate(sorted(seen.calls)):
-        for got, mb in zip(seen.calls[layer], mbs):
+        for got, mb in zip(seen.calls[layer], mbs, strict=True):
+            # Micro-batches run as padded [B, T] rows: compare the real tokens' rows.
             expected = torch.from_numpy(mb.routes_NLk[:, slot].astype(np.int64)).cuda()
-            assert torch.equal(got.sort(-1).values, expected.sort(-1).values)
+            rows = torch.from_numpy(_padded_rows(mb.cu_seqlens_B1)).cuda()
+            assert torch.equal(got[rows].sort(-1).values, expected.sort(-1).values)
     g = trainer.model.model.layers[1].mlp.gate.weight.grad
     assert g.dtype == torch.float32 and torch.isfinite(g).all() and g.abs().max() > 0
     m |= trainer.optim_step()
