@@ -91,9 +91,6 @@ class RolloutProducer:
         self._background: asyncio.Task | None = None
         # The groups of one wave (e.g. a synchronous step) score their rewards in one call.
         self._rewards: Coalescer[RolloutSample, float] = Coalescer(self._score_rewards)
-        # ... and publish in one Redis pipeline: one round trip and one fsync of an
-        # `appendfsync always` Redis per wave, not per group.
-        self._publish: Coalescer[ScoredSample, None] = Coalescer(self._publish_wave)
 
     # ------------------------------------------------------------------ the pool
     async def produce(self, groups_wanted: int) -> None:
@@ -219,14 +216,8 @@ class RolloutProducer:
         self.stats.phase_s["reward"] += t2 - t1
         self.stats.phase_s["teacher"] += t3 - t2
         if scored:
-            await self._publish(scored)
+            self.stream.publish(scored)
         return scored
-
-    async def _publish_wave(self, scored: list[ScoredSample], _: list[int]) -> list[None]:
-        """Publish a wave's samples off the event loop (the Redis acknowledges after its fsync)."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.stream.publish, scored)
-        return [None] * len(scored)
 
     async def _score_rewards(self, samples: list[RolloutSample], _: list[int]) -> list[float]:
         loop = asyncio.get_running_loop()
