@@ -93,16 +93,21 @@ def sink_window_attention(
 # ---------------------------------------------------------------------- math
 
 
+def _sees(qi: torch.Tensor, ki: torch.Tensor, window: int | None, segments: torch.Tensor | None):
+    """Whether query position ``qi`` sees key position ``ki`` (broadcasting index tensors): the
+    one visibility rule of both paths (the dense mask and FlexAttention's ``mask_mod``)."""
+    visible = ki <= qi
+    if window is not None:
+        visible = visible & (qi - ki < window)
+    if segments is not None:
+        visible = visible & (segments[qi] == segments[ki])
+    return visible
+
+
 def _visible(S: int, window: int | None, segments: torch.Tensor | None, device: Any):
     """[S, S] bool: key j visible from query i."""
-    i = torch.arange(S, device=device)[:, None]
-    j = torch.arange(S, device=device)[None, :]
-    visible = j <= i
-    if window is not None:
-        visible = visible & (i - j < window)
-    if segments is not None:
-        visible = visible & (segments[:, None] == segments[None, :])
-    return visible
+    positions = torch.arange(S, device=device)
+    return _sees(positions[:, None], positions[None, :], window, segments)
 
 
 def _math(q, k, v, scale, window, sinks, segments):
@@ -147,12 +152,7 @@ def _block_mask(S: int, window: int | None, cu: tuple[int, ...] | None, device: 
     segments = None if cu is None else _segments(cu, S, device)
 
     def mask_mod(b, hh, qi, ki):
-        visible = ki <= qi
-        if window is not None:
-            visible = visible & (qi - ki < window)
-        if segments is not None:
-            visible = visible & (segments[qi] == segments[ki])
-        return visible
+        return _sees(qi, ki, window, segments)
 
     mask = create_block_mask(mask_mod, None, None, S, S, device=device)
     _block_masks[key] = mask
