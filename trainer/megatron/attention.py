@@ -68,7 +68,6 @@ class PackedCoreAttention(torch.nn.Module):
             raise ValueError("context parallelism is not supported by PackedCoreAttention")
         self.layout = layout
         self.num_heads = config.num_attention_heads // tp
-        self.num_groups = max(1, layout.num_kv_heads // tp)
         self.softmax_scale = softmax_scale or layout.qk_head_dim**-0.5
         self.sinks: torch.nn.Parameter | None = None
         if layout.sink:
